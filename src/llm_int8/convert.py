@@ -1,0 +1,154 @@
+"""Swap a model's linear layers for ``Linear8bitLt``: one config, one function, one filter."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .nn import Linear8bitLt
+
+
+@dataclass
+class Int8Config:
+    """How ``quantize_`` converts a model.
+
+    threshold: the outlier threshold alpha (0 disables the decomposition; the paper uses 6.0).
+    skip_modules: names of modules to leave in float. A name matches a module whose qualified name
+        equals it, ends with ``.name``, or lies below it (``name.``). ``None`` (the default) skips the
+        output head (``model.get_output_embeddings()`` or a module named ``lm_head``) and every
+        linear layer whose weight is tied to an embedding; a list replaces that default.
+    """
+
+    threshold: float = 6.0
+    skip_modules: list[str] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold) or self.threshold < 0:
+            raise ValueError(f"Int8Config.threshold must be a number >= 0, got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if self.skip_modules is not None:
+            if isinstance(self.skip_modules, str) or not all(isinstance(s, str) for s in self.skip_modules):
+                raise TypeError(f"Int8Config.skip_modules must be a list of module names, got {self.skip_modules!r}")
+            self.skip_modules = list(self.skip_modules)
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_`` did: the converted and skipped module names and the footprints in bytes."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        return (
+            f"converted {len(self.converted)} linear layers to int8, kept {len(self.skipped)} in float "
+            f"({', '.join(self.skipped) or 'none'}); memory {self.bytes_before / 2**20:.1f} MiB -> "
+            f"{self.bytes_after / 2**20:.1f} MiB ({ratio:.3f}x)"
+        )
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each storage counted once (tied weights)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.device, tensor.untyped_storage().data_ptr()) if not tensor.is_meta else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _conv1d_type():
+    """transformers' GPT-2 ``Conv1D`` (weight stored [in, out]) if transformers is loaded, else None.
+
+    A model can only hold a Conv1D if transformers was imported, so the core never imports it.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_convertible(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def default_skip_modules(model: nn.Module) -> list[str]:
+    """The output head and every convertible layer whose weight is an embedding's weight."""
+    names = {id(m): name for name, m in model.named_modules()}
+    skip = []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head) in names:
+        skip.append(names[id(head)])
+    embedding_storages = {
+        m.weight.untyped_storage().data_ptr()
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and not m.weight.is_meta
+    }
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if not is_convertible(module) or name in skip:
+            continue
+        weight = module.weight
+        tied = id(weight) in embedding_weights or (
+            not weight.is_meta and weight.untyped_storage().data_ptr() in embedding_storages
+        )
+        if tied or name == "lm_head" or name.endswith(".lm_head"):
+            skip.append(name)
+    return skip
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+
+def convert_module(module: nn.Module, threshold: float) -> Linear8bitLt:
+    """One ``nn.Linear`` or ``Conv1D`` as a ``Linear8bitLt`` on the same device."""
+    if isinstance(module, nn.Linear):
+        return Linear8bitLt.from_linear(module, threshold)
+    # Conv1D computes x @ weight + bias with weight [in, out]: the Linear weight is its transpose.
+    return Linear8bitLt.from_weight(module.weight.T, module.bias, threshold)
+
+
+def quantize_(
+    model: nn.Module,
+    config: Int8Config | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> QuantizeReport:
+    """Replace, in place, every ``nn.Linear`` / ``Conv1D`` of ``model`` by a ``Linear8bitLt``.
+
+    Skipped: the modules named by ``config.skip_modules`` (see :class:`Int8Config` for the default)
+    and those for which ``filter_fn(module, qualified_name)`` returns False. Returns a report with
+    the converted names and the memory footprint before and after.
+    """
+    config = config or Int8Config()
+    if not isinstance(config, Int8Config):
+        raise TypeError(f"config must be an llm_int8.Int8Config, got {type(config).__name__}")
+    skip = default_skip_modules(model) if config.skip_modules is None else config.skip_modules
+    report = QuantizeReport(bytes_before=memory_footprint(model))
+    targets = []
+    for name, module in model.named_modules():
+        if not is_convertible(module):
+            continue
+        if _matches(name, skip) or (filter_fn is not None and not filter_fn(module, name)):
+            report.skipped.append(name)
+        else:
+            targets.append(name)
+    if "" in targets:
+        raise TypeError("the model is itself a linear layer; convert it with Linear8bitLt.from_linear(layer)")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        with torch.no_grad():
+            setattr(parent, child, convert_module(getattr(parent, child), config.threshold))
+        report.converted.append(name)
+    report.bytes_after = memory_footprint(model)
+    return report

@@ -1,0 +1,97 @@
+"""CPU kernels for the ops in ``_ops.py``.
+
+The int8 GEMM path is chosen per machine and shape (``gemm_path``):
+
+* ``native``: our AVX2 kernel (``csrc/int8_gemm_avx2.c``, built on first use), exact for codes in
+  [-127, 127]. On CPUs without AVX-512 VNNI, ``torch._int_mm`` is a scalar loop, slower than fp32.
+* ``int_mm``: ``torch._int_mm`` (oneDNN) on AVX-512 machines when the native kernel is unavailable.
+* ``fp32``: float32 GEMMs over K-chunks of at most ``EXACT_FP32_CHUNK`` columns. Every partial sum
+  is an integer below 2**24 in magnitude, so float32 holds it exactly; chunks are summed in int32.
+
+The mixed forward makes as few passes over x and the output as eager torch allows: one reduction
+finds the outlier columns, one masks them, one gives the row absmax, one quantizes; the dequant
+scales, bias and outlier product are applied in place on one float32 output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _native
+from ._ops import INT8_MAX, NAMESPACE
+from .reference import decomposed_columns, quantize_rows, row_absmax
+from .reference import int8_vectorwise_quant as _reference_vectorwise_quant
+
+# 1040 * 127**2 < 2**24: the largest K-chunk whose float32 dot products of int8 codes are exact.
+EXACT_FP32_CHUNK = 1024
+
+
+def gemm_path(m: int, k: int, n: int) -> str:
+    """Which int8 GEMM implementation the CPU uses for an [m, k] x [n, k]^T product."""
+    if _native.available():
+        return "native"
+    # torch._int_mm sums wrongly on some CPUs when K = 1 and b.T has strides (1, 1).
+    if torch.backends.cpu.get_cpu_capability() == "AVX512" and k > 1 and m > 0 and n > 0:
+        return "int_mm"
+    return "fp32"
+
+
+def _gemm_fp32_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    m, k = a.shape
+    acc = torch.zeros((m, b.shape[0]), dtype=torch.int32)
+    for start in range(0, k, EXACT_FP32_CHUNK):
+        stop = min(start + EXACT_FP32_CHUNK, k)
+        part = a[:, start:stop].float() @ b[:, start:stop].float().T
+        acc += part.to(torch.int32)
+    return acc
+
+
+def int8_linear_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    path = gemm_path(a.shape[0], a.shape[1], b.shape[0])
+    if path == "native":
+        return _native.int8_gemm_nt(a, b)
+    if path == "int_mm":
+        return torch._int_mm(a.contiguous(), b.contiguous().T)
+    return _gemm_fp32_exact(a, b)
+
+
+def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
+    if threshold > 0.0:
+        return _reference_vectorwise_quant(x, threshold)
+    # No outliers to mask: two passes (row absmax, codes).
+    xf = x.float()
+    x_absmax = row_absmax(xf)
+    return quantize_rows(xf, x_absmax), x_absmax, torch.empty(0, dtype=torch.int64)
+
+
+def int8_mm_dequant(acc, x_absmax, w_absmax, bias=None, out_dtype=None):
+    out = torch.mul(acc, (x_absmax.float() / INT8_MAX).unsqueeze(1))
+    out.mul_((w_absmax.float() / INT8_MAX).unsqueeze(0))
+    if bias is not None:
+        out.add_(bias.float())
+    return out.to(out_dtype or torch.float32)
+
+
+def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
+    xf = x.float()
+    cols, w_cols = decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_weight)
+    has_cols = cols.numel() > 0
+    x_main = xf.index_fill(1, cols, 0.0) if has_cols else xf
+    x_absmax = row_absmax(x_main)
+    acc = int8_linear_matmul(quantize_rows(x_main, x_absmax), weight_int8)
+    out = torch.mul(acc, (x_absmax / INT8_MAX).unsqueeze(1))
+    out.mul_((weight_absmax.float() / INT8_MAX).unsqueeze(0))
+    if has_cols:
+        out.addmm_(xf[:, cols], w_cols.T)
+    if bias is not None:
+        out.add_(bias.float())
+    return out.to(x.dtype)
+
+
+for _name, _fn in [
+    ("int8_vectorwise_quant", int8_vectorwise_quant),
+    ("int8_linear_matmul", int8_linear_matmul),
+    ("int8_mm_dequant", int8_mm_dequant),
+    ("int8_mixed_linear", int8_mixed_linear),
+]:
+    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "cpu", _fn)

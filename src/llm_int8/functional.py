@@ -1,0 +1,280 @@
+"""The functions users call: quantization primitives and the LLM.int8() matmul ops.
+
+Shapes follow ``_ops.py``: x [M, K] (or [..., K]), weight [N, K], out = x @ weight.T [M, N].
+Arguments are checked here, once, with messages that say what was wrong; the ops behind these
+wrappers (``torch.ops.llm_int8.*``) assume checked inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
+from ._ops import INT8_MAX
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ops = torch.ops.llm_int8
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_float_input(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16 or float32, got {x.dtype}; "
+            f"cast it first, e.g. {name}.float()"
+        )
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (its last is the feature dim K), got a scalar")
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if math.isnan(threshold) or threshold < 0.0:
+        raise ValueError(
+            f"threshold must be >= 0 (0 disables the outlier decomposition; the paper uses 6.0), got {threshold}"
+        )
+    return threshold
+
+
+def _check_int8_weight(weight_int8: torch.Tensor, weight_absmax: torch.Tensor) -> None:
+    if weight_int8.dtype != torch.int8:
+        raise TypeError(
+            f"weight_int8 must be int8, got {weight_int8.dtype}; quantize a float weight first with "
+            "llm_int8.functional.quantize_weight(weight)"
+        )
+    if weight_int8.dim() != 2:
+        raise ValueError(f"weight_int8 must be 2-D [N, K], got shape {tuple(weight_int8.shape)}")
+    n = weight_int8.shape[0]
+    if weight_absmax.shape != (n,):
+        raise ValueError(
+            f"weight_absmax must have shape [N] = [{n}] (one absmax per output row), got {tuple(weight_absmax.shape)}"
+        )
+    if not weight_absmax.is_floating_point():
+        raise TypeError(f"weight_absmax must be a float tensor, got {weight_absmax.dtype}")
+
+
+def _check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization primitives: the paper's per-tensor baselines and vector-wise quantization
+
+
+def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantization: ``codes = round(x * 127 / absmax)``, int8 in [-127, 127].
+
+    Granularity: ``dim=None`` gives one absmax for the whole tensor (per-tensor, the naive
+    baseline); ``dim=d`` gives one absmax per slice along d, i.e. ``absmax = max |x|`` reduced over
+    d with keepdim (``dim=-1`` on x [M, K] is row-wise / vector-wise). Returns (codes with x's
+    shape, absmax float32 broadcastable to x). An all-zero slice gets absmax 0 and codes 0.
+    """
+    _check_float_input(x)
+    xf = x.float()
+    if xf.numel() == 0:  # amax has no identity; sum of nothing gives zeros of the reduced shape
+        absmax = xf.abs().sum(dim=dim, keepdim=dim is not None)
+    else:
+        absmax = xf.abs().amax() if dim is None else xf.abs().amax(dim=dim, keepdim=True)
+    scale = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax))
+    return (xf * scale).round_().nan_to_num_(nan=0.0).to(torch.int8), absmax
+
+
+def absmax_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`absmax_quantize`: ``codes * absmax / 127`` in ``dtype``."""
+    return (codes.float() * (absmax.float() / INT8_MAX)).to(dtype)
+
+
+def zeropoint_quantize(
+    x: torch.Tensor, dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric (zero-point) quantization onto the full int8 range [-128, 127].
+
+    ``scale = 255 / (max - min)``, ``zero_point = round(-scale * min) - 128``,
+    ``codes = clamp(round(scale * x) + zero_point, -128, 127)``. Granularity as in
+    :func:`absmax_quantize` (``dim=None``: per tensor; ``dim=d``: one (scale, zero_point) per slice
+    along d). A constant slice (max == min) gets scale 1 so it still round-trips within 0.5.
+    Returns (codes int8, scale float32, zero_point float32).
+    """
+    _check_float_input(x)
+    if x.numel() == 0:
+        raise ValueError(f"cannot choose a zero point for an empty tensor (shape {tuple(x.shape)})")
+    xf = x.float()
+    if dim is None:
+        lo, hi = xf.min(), xf.max()
+    else:
+        lo, hi = xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True)
+    span = hi - lo
+    scale = torch.where(span > 0, 255.0 / span, torch.ones_like(span))
+    zero_point = torch.round(-scale * lo) - 128.0
+    codes = (torch.round(scale * xf) + zero_point).clamp_(-128, 127)
+    return codes.to(torch.int8), scale, zero_point
+
+
+def zeropoint_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`zeropoint_quantize`: ``(codes - zero_point) / scale`` in ``dtype``."""
+    return ((codes.float() - zero_point) / scale).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The LLM.int8() ops
+
+
+def int8_vectorwise_quant(
+    x: torch.Tensor, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise absmax quantization of x [..., K] with outlier-column detection.
+
+    Values with |x| >= threshold (threshold > 0) are outliers: they are left out of their row's
+    absmax, and every column holding one is an outlier column whose codes are all 0 (it belongs to
+    the 16-bit part of the decomposition). fp16, bf16 and fp32 are quantized from their own values,
+    never cast through fp16. Returns (x_int8 [..., K], x_absmax float32 [...], outlier_cols int64
+    [n_outliers], sorted; empty when threshold is 0).
+    """
+    _check_float_input(x)
+    threshold = _check_threshold(threshold)
+    x2 = x.reshape(-1, x.shape[-1])
+    x_int8, x_absmax, outlier_cols = _ops.int8_vectorwise_quant(x2, threshold)
+    return x_int8.reshape(x.shape), x_absmax.reshape(x.shape[:-1]), outlier_cols
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-wise int8 weight: (weight_int8 [N, K], weight_absmax float32 [N]).
+
+    Quantized from the weight's own dtype. For fp16 weights the codes and absmax are bit-identical
+    to bitsandbytes (which casts fp32/bf16 weights to fp16 first; we do not, which is more faithful).
+    """
+    _check_float_input(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    weight_int8, weight_absmax, _ = _ops.int8_vectorwise_quant(weight, 0.0)
+    return weight_int8, weight_absmax
+
+
+def dequantize_weight(weight_int8: torch.Tensor, weight_absmax: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """float [N, K] = weight_int8 * weight_absmax[:, None] / 127."""
+    _check_int8_weight(weight_int8, weight_absmax)
+    return (weight_int8.float() * (weight_absmax.float() / INT8_MAX).unsqueeze(1)).to(dtype)
+
+
+def int8_linear_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 GEMM: a int8 [M, K] (or [..., K]), b int8 [N, K] -> int32 [..., N] = a @ b.T.
+
+    Exact for every K up to 133,000 (where K * 127**2 would leave int32).
+    """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int8:
+            raise TypeError(f"{name} must be an int8 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if b.dim() != 2 or a.dim() < 1:
+        raise ValueError(f"b must be 2-D [N, K] and a at least 1-D [..., K]; got a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[1]:
+        raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} (need a[..., K], b[N, K])")
+    _check_same_device(a=a, b=b)
+    acc = _ops.int8_linear_matmul(a.reshape(-1, a.shape[-1]), b)
+    return acc.reshape(*a.shape[:-1], b.shape[0])
+
+
+def int8_mm_dequant(
+    acc: torch.Tensor,
+    x_absmax: torch.Tensor,
+    w_absmax: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """acc int32 [M, N] -> ``acc * x_absmax[:, None] * w_absmax[None, :] / 127**2 + bias`` in out_dtype.
+
+    Computed in float32 and rounded once to out_dtype.
+    """
+    if acc.dtype != torch.int32 or acc.dim() != 2:
+        raise TypeError(f"acc must be a 2-D int32 tensor [M, N], got {acc.dtype} {tuple(acc.shape)}")
+    m, n = acc.shape
+    if x_absmax.shape != (m,) or w_absmax.shape != (n,):
+        raise ValueError(
+            f"x_absmax must be [M] = [{m}] and w_absmax [N] = [{n}]; got {tuple(x_absmax.shape)}, {tuple(w_absmax.shape)}"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
+    return _ops.int8_mm_dequant(acc, x_absmax, w_absmax, bias, out_dtype)
+
+
+def int8_mixed_linear(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    weight_absmax: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = 6.0,
+    fp_cols: torch.Tensor | None = None,
+    fp_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The LLM.int8() forward: ``x @ dequant(weight).T + bias`` with mixed-precision decomposition.
+
+    x [..., K] fp16/bf16/fp32; weight_int8 [N, K]; weight_absmax [N]. Every input column of x
+    holding a value with |x| >= threshold leaves the int8 product and is multiplied in float32
+    against the matching (dequantized) weight columns; the rest goes through the vector-wise int8
+    GEMM. ``fp_cols`` [F] (int64) with ``fp_weight`` [N, F] name columns that always take the float
+    path, against stored 16/32-bit weight columns (calibrated outlier dims). Output in x's dtype,
+    shape [..., N]. Differentiable w.r.t. x and bias (the weight is frozen).
+    """
+    _check_float_input(x)
+    _check_int8_weight(weight_int8, weight_absmax)
+    threshold = _check_threshold(threshold)
+    n, k = weight_int8.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dim but the weight expects K = {k} "
+            f"(x {tuple(x.shape)}, weight [N, K] = {tuple(weight_int8.shape)})"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
+    if (fp_cols is None) != (fp_weight is None):
+        raise ValueError("fp_cols and fp_weight go together: pass both or neither")
+    if fp_cols is not None and (fp_cols.dim() != 1 or fp_weight.shape != (n, fp_cols.numel())):
+        raise ValueError(
+            f"fp_cols must be 1-D [F] and fp_weight [N, F] = [{n}, {fp_cols.numel()}]; "
+            f"got {tuple(fp_cols.shape)} and {tuple(fp_weight.shape)}"
+        )
+    _check_same_device(x=x, weight_int8=weight_int8, weight_absmax=weight_absmax, bias=bias)
+    x2 = x.reshape(-1, k)
+    out = _ops.int8_mixed_linear(x2, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+    return out.reshape(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: the gradient flows to x through the frozen dequantized weight (what adapters such as
+# LoRA need) and to the bias. The int8 weight gets none.
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_int8, weight_absmax, bias, _threshold, fp_cols, fp_weight = inputs
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(weight_int8, weight_absmax, fp_cols, fp_weight)
+
+
+def _backward(ctx, grad_out):
+    weight_int8, weight_absmax, fp_cols, fp_weight = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        # (g * w_absmax / 127) @ W_int8 == g @ dequant(W): scale the small [M, N] side, not the weight.
+        g = grad_out.float()
+        grad_x = (g * (weight_absmax.float() / INT8_MAX)) @ weight_int8.float()
+        if fp_cols is not None and fp_cols.numel():
+            grad_x[:, fp_cols] = g @ fp_weight.float()
+        grad_x = grad_x.to(ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd("llm_int8::int8_mixed_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,224 @@
+"""``Linear8bitLt``: a drop-in replacement for ``nn.Linear`` holding an LLM.int8() weight."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .functional import _check_threshold
+
+WEIGHT_FORMAT_ROW = 0  # bitsandbytes' code for a row-major int8 weight, the only layout there is
+
+
+class Linear8bitLt(nn.Module):
+    """``y = x @ W.T + b`` with W stored as vector-wise int8 and the LLM.int8() decomposition.
+
+    State (the state-dict keys are bitsandbytes' ``Linear8bitLt`` keys, so checkpoints move both ways):
+
+    * ``weight``: int8 [out_features, in_features], a frozen parameter (so device maps move it);
+    * ``SCB``: float32 [out_features], each weight row's absmax (bitsandbytes' historical name for
+      the weight scale; :attr:`weight_absmax` is the same tensor);
+    * ``weight_format``: uint8 scalar 0 (row-major), written for bitsandbytes;
+    * ``bias``: float [out_features] or None, kept in its own dtype;
+    * ``fp_cols`` / ``fp_weight`` (optional, None unless calibrated): input columns that always
+      take the 16/32-bit path, and the float weight columns [out_features, F] they multiply.
+
+    Inputs may be fp16, bf16 or fp32, 2-D or N-D; the output has x's dtype. Train and eval modes
+    run the same code. Loading an ``nn.Linear`` state dict (float ``weight``) quantizes it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        has_fp16_weights: bool = False,
+        threshold: float = 6.0,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if has_fp16_weights:
+            raise ValueError(
+                "has_fp16_weights=True is not supported: Linear8bitLt keeps a frozen int8 weight. To fine-tune, "
+                "train adapters (e.g. LoRA) on top of it (gradients reach the input and the bias), or train an "
+                "nn.Linear and convert it afterwards with Linear8bitLt.from_linear(linear)."
+            )
+        if in_features < 0 or out_features < 0:
+            raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = _check_threshold(threshold)
+        self.has_fp16_weights = False
+        self.weight = nn.Parameter(
+            torch.empty((out_features, in_features), dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("weight_format", torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("fp_cols", None)
+        self.register_buffer("fp_weight", None)
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------
+    # Construction
+
+    def reset_parameters(self) -> None:
+        """Draw a float weight as ``nn.Linear`` does and quantize it (a fresh module is usable)."""
+        weight = torch.empty(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self._set_weight(weight)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0
+    ) -> "Linear8bitLt":
+        """Quantize a float weight [out_features, in_features] (and copy the bias) into a new module."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias=bias is not None, threshold=threshold, device="meta")
+        module._set_weight(weight.detach())
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> "Linear8bitLt":
+        """Quantize an ``nn.Linear`` (weight from its own dtype; bias kept as is) on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls.from_weight(linear.weight, linear.bias, threshold)
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        weight_int8, weight_absmax = F.quantize_weight(weight)
+        self.weight = nn.Parameter(weight_int8, requires_grad=False)
+        self.SCB = weight_absmax
+        self.weight_format = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=weight.device)
+
+    def set_fp_columns(self, cols: torch.Tensor, weight: torch.Tensor) -> None:
+        """Keep input columns ``cols`` always in float, multiplied by ``weight[:, cols]`` (float [N, K])."""
+        cols = torch.as_tensor(cols, dtype=torch.int64, device=self.weight.device).unique()
+        if cols.numel() and (cols.min() < 0 or cols.max() >= self.in_features):
+            raise ValueError(f"fp columns must lie in [0, {self.in_features}), got {cols.tolist()}")
+        if weight.shape != self.weight.shape:
+            raise ValueError(f"weight must be the float weight {tuple(self.weight.shape)}, got {tuple(weight.shape)}")
+        self.fp_cols = cols
+        self.fp_weight = weight.detach()[:, cols].to(torch.float16 if weight.dtype == torch.float16 else weight.dtype)
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+
+    @property
+    def weight_absmax(self) -> torch.Tensor:
+        return self.SCB
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.int8_mixed_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [out_features, in_features] this module multiplies by (fp columns included)."""
+        weight = F.dequantize_weight(self.weight, self.SCB, dtype)
+        if self.fp_cols is not None:
+            weight[:, self.fp_cols] = self.fp_weight.to(dtype)
+        return weight
+
+    def extra_repr(self) -> str:
+        fp = f", fp_cols={self.fp_cols.numel()}" if self.fp_cols is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, threshold={self.threshold}{fp}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) convert every float buffer; the weight scales stay float32.
+        super()._apply(fn, recurse)
+        if self.SCB.dtype != torch.float32:
+            self.SCB = self.SCB.float()
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    # State dict: bitsandbytes' keys; a float nn.Linear state dict is quantized on load.
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        own = ("weight", "bias", "SCB", "weight_format", "fp_cols", "fp_weight")
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in own:
+                    unexpected_keys.append(key)
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        try:
+            tensors = self._validated_state(state_dict, prefix, missing_keys, unexpected_keys)
+        except (TypeError, ValueError) as err:
+            error_msgs.append(f"{prefix or 'Linear8bitLt'}: {err}")
+            return
+        with torch.no_grad():
+            for name, value in tensors.items():
+                current = getattr(self, name)
+                if name in ("fp_cols", "fp_weight") or assign or current is None or current.is_meta:
+                    value = value.to(self.weight.device if current is None or current.is_meta else current.device)
+                    if name in ("weight", "bias"):
+                        value = nn.Parameter(value, requires_grad=name == "bias" and value.is_floating_point())
+                    setattr(self, name, value)
+                else:
+                    current.copy_(value)
+
+    def _validated_state(self, state_dict, prefix, missing_keys, unexpected_keys) -> dict:
+        n, k = self.out_features, self.in_features
+        weight = state_dict.get(prefix + "weight")
+        scb = state_dict.get(prefix + "SCB")
+        out = {}
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+        elif tuple(weight.shape) != (n, k):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [out_features, in_features] = [{n}, {k}]")
+        elif weight.is_floating_point():
+            if scb is not None:
+                raise ValueError("found a float weight together with SCB; a quantized checkpoint stores an int8 weight")
+            out["weight"], out["SCB"] = F.quantize_weight(weight)
+        elif weight.dtype == torch.int8:
+            if scb is None:
+                raise ValueError(f"int8 weight without its scales: the key {prefix}SCB is missing")
+            out["weight"] = weight
+        else:
+            raise TypeError(f"weight must be int8 (quantized) or float (to quantize), got {weight.dtype}")
+        if "SCB" not in out and scb is not None:
+            if tuple(scb.shape) != (n,) or not scb.is_floating_point():
+                raise ValueError(f"SCB must be a float tensor of shape [{n}], got {scb.dtype} {tuple(scb.shape)}")
+            if not bool(torch.isfinite(scb).all()) or bool((scb < 0).any()):
+                raise ValueError("SCB (weight row absmax) must be finite and >= 0; the checkpoint is corrupt")
+            out["SCB"] = scb.float()
+        weight_format = state_dict.get(prefix + "weight_format")
+        if weight_format is not None and int(weight_format) != WEIGHT_FORMAT_ROW:
+            raise ValueError(f"weight_format {int(weight_format)} is not supported; only 0 (row-major) is")
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is None and bias is not None:
+            unexpected_keys.append(prefix + "bias")
+        elif self.bias is not None:
+            if bias is None:
+                missing_keys.append(prefix + "bias")
+            elif tuple(bias.shape) != (n,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{n}]")
+            else:
+                out["bias"] = bias
+        fp_cols, fp_weight = state_dict.get(prefix + "fp_cols"), state_dict.get(prefix + "fp_weight")
+        if (fp_cols is None) != (fp_weight is None):
+            raise ValueError("fp_cols and fp_weight must be saved together")
+        if fp_cols is not None:
+            if fp_cols.dim() != 1 or tuple(fp_weight.shape) != (n, fp_cols.numel()):
+                raise ValueError(f"fp_weight must be [{n}, len(fp_cols)], got {tuple(fp_weight.shape)}")
+            out["fp_cols"], out["fp_weight"] = fp_cols.long(), fp_weight
+        return out
