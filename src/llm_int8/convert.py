@@ -18,8 +18,8 @@ class Int8Config:
     """How ``quantize_`` converts a model.
 
     threshold: the outlier threshold alpha (0 disables the decomposition; the paper uses 6.0).
-    skip_modules: names of modules to leave in float. A name matches a module whose qualified name
-        equals it, ends with ``.name``, or lies below it (``name.``). ``None`` (the default) skips the
+    skip_modules: names of modules to leave in float. A name matches every module whose qualified
+        name contains it as whole dotted parts ("mlp", "lm_head", "layers.0"). ``None`` (the default) skips the
         output head (``model.get_output_embeddings()`` or a module named ``lm_head``) and every
         linear layer whose weight is tied to an embedding; a list replaces that default.
     """
@@ -107,7 +107,14 @@ def default_skip_modules(model: nn.Module) -> list[str]:
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+    """True when some pattern's dotted parts appear as a run of name's parts ("mlp" matches
+    "model.layers.0.mlp.up_proj"; "layers.0" matches everything below it; "proj" matches nothing)."""
+    parts = name.split(".")
+    for pattern in patterns:
+        want = pattern.split(".")
+        if any(parts[i : i + len(want)] == want for i in range(len(parts) - len(want) + 1)):
+            return True
+    return False
 
 
 def convert_module(module: nn.Module, threshold: float) -> Linear8bitLt:

@@ -67,6 +67,11 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
 
 
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [M, K] with M the product of the leading dims (also when a dim is 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 # --------------------------------------------------------------------------------------------
 # Quantization primitives: the paper's per-tensor baselines and vector-wise quantization
 
@@ -144,7 +149,7 @@ def int8_vectorwise_quant(
     """
     _check_float_input(x)
     threshold = _check_threshold(threshold)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _as_rows(x)
     x_int8, x_absmax, outlier_cols = _ops.int8_vectorwise_quant(x2, threshold)
     return x_int8.reshape(x.shape), x_absmax.reshape(x.shape[:-1]), outlier_cols
 
@@ -181,7 +186,7 @@ def int8_linear_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[-1] != b.shape[1]:
         raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} (need a[..., K], b[N, K])")
     _check_same_device(a=a, b=b)
-    acc = _ops.int8_linear_matmul(a.reshape(-1, a.shape[-1]), b)
+    acc = _ops.int8_linear_matmul(_as_rows(a), b)
     return acc.reshape(*a.shape[:-1], b.shape[0])
 
 
@@ -245,7 +250,7 @@ def int8_mixed_linear(
             f"got {tuple(fp_cols.shape)} and {tuple(fp_weight.shape)}"
         )
     _check_same_device(x=x, weight_int8=weight_int8, weight_absmax=weight_absmax, bias=bias)
-    x2 = x.reshape(-1, k)
+    x2 = _as_rows(x)
     out = _ops.int8_mixed_linear(x2, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
     return out.reshape(*x.shape[:-1], n)
 

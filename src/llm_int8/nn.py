@@ -168,8 +168,10 @@ class Linear8bitLt(nn.Module):
         with torch.no_grad():
             for name, value in tensors.items():
                 current = getattr(self, name)
-                if name in ("fp_cols", "fp_weight") or assign or current is None or current.is_meta:
-                    value = value.to(self.weight.device if current is None or current.is_meta else current.device)
+                if assign or current is None or current.is_meta or name in ("fp_cols", "fp_weight"):
+                    # Take the tensor as it comes (assign, meta skeletons); fp columns vary in size.
+                    if not assign and not self.weight.is_meta:
+                        value = value.to(self.weight.device)
                     if name in ("weight", "bias"):
                         value = nn.Parameter(value, requires_grad=name == "bias" and value.is_floating_point())
                     setattr(self, name, value)

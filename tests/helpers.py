@@ -1,0 +1,89 @@
+"""Shared test helpers: inputs with planted outliers and error bounds that follow the int8 math."""
+
+from __future__ import annotations
+
+import torch
+
+from llm_int8 import reference
+
+INT8_MAX = 127
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def make_input(m, k, dtype=torch.float32, n_outlier_cols=0, scale=30.0, seed=0, shape=None):
+    """x [m, k] ~ N(0, 1) with ``n_outlier_cols`` columns multiplied by ``scale`` (planted outliers)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if n_outlier_cols and k:
+        cols = torch.randperm(k, generator=g)[:n_outlier_cols]
+        x[:, cols] *= scale
+    x = x.to(dtype)
+    return x.reshape(shape) if shape is not None else x
+
+
+def make_weight(n, k, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) / max(k, 1) ** 0.5).to(dtype)
+
+
+def decomposition(x2, weight_int8, weight_absmax, threshold):
+    """The columns the reference decomposes and the float64 pieces of the LLM.int8() product."""
+    xf = x2.float()
+    cols, w_cols = reference.decomposed_columns(xf, weight_int8, weight_absmax, threshold, None, None)
+    x_main = xf.index_fill(1, cols, 0.0) if cols.numel() else xf
+    x_int8, x_absmax, _ = reference.int8_vectorwise_quant(x_main, 0.0)
+    return cols, w_cols, x_main, x_int8, x_absmax
+
+
+def exact_mixed_linear_f64(x2, weight_int8, weight_absmax, bias, threshold):
+    """float64 value of what the kernels compute, before any float32 rounding, and the size of the
+    terms that float32 rounding applies to (for a rounding bound).
+
+    Returns (out64 [M, N], magnitude [M, N]): magnitude = |int8 part| + sum_k |x||w| over the
+    decomposed columns + |bias|.
+    """
+    cols, w_cols, _, x_int8, x_absmax = decomposition(x2, weight_int8, weight_absmax, threshold)
+    sx = x_absmax.double() / INT8_MAX
+    sw = weight_absmax.double() / INT8_MAX
+    int8_part = (x_int8.double() @ weight_int8.double().T) * sx[:, None] * sw[None, :]
+    xo = x2.double()[:, cols]
+    outlier_part = xo @ w_cols.double().T
+    out = int8_part + outlier_part
+    magnitude = int8_part.abs() + xo.abs() @ w_cols.double().abs().T
+    if bias is not None:
+        out = out + bias.double()
+        magnitude = magnitude + bias.double().abs()
+    return out, magnitude, cols.numel()
+
+
+def rounding_bound(out64, magnitude, n_cols, out_dtype):
+    """float32 arithmetic (a few roundings per term, n_cols+4 for the outlier sum) plus the final
+    rounding to out_dtype (half an ulp, here eps/2 relative, plus the subnormal spacing)."""
+    tiny = torch.finfo(out_dtype).smallest_normal * eps(out_dtype)
+    return (n_cols + 8) * EPS32 * magnitude + eps(out_dtype) * out64.abs() + tiny
+
+
+def quantization_bound(x2, weight, weight_absmax, threshold):
+    """|LLM.int8(x, W) - x @ W.T| per element, W the float weight, before float rounding.
+
+    Each int8 code is off by at most half a step: |dx| <= x_absmax/254 on the int8 columns,
+    |dw| <= w_absmax/254 everywhere. Summing |dx||w| + |x||dw| + |dx||dw| over k gives the bound.
+    """
+    from llm_int8 import functional as F
+
+    weight_int8, _ = F.quantize_weight(weight)
+    cols, _, x_main, _, x_absmax = decomposition(x2, weight_int8, weight_absmax, threshold)
+    half_x = x_absmax.double() / (2 * INT8_MAX)
+    half_w = weight_absmax.double() / (2 * INT8_MAX)
+    w_abs = weight.double().abs()
+    main_cols = torch.ones(x2.shape[1], dtype=torch.bool)
+    main_cols[cols] = False
+    k_main = int(main_cols.sum())
+    bound = half_x[:, None] * w_abs[:, main_cols].sum(1)[None, :]
+    bound += x2.double().abs().sum(1)[:, None] * half_w[None, :]
+    bound += k_main * half_x[:, None] * half_w[None, :]
+    return bound

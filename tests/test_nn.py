@@ -1,0 +1,152 @@
+"""Linear8bitLt: construction, forward, state dict, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_input
+from llm_int8 import Linear8bitLt
+from llm_int8 import functional as F
+
+
+def linear(k=64, n=32, dtype=torch.float32, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_from_linear_quantizes_from_the_weights_own_dtype(dtype):
+    lin = linear(dtype=dtype)
+    layer = Linear8bitLt.from_linear(lin)
+    codes, absmax = F.quantize_weight(lin.weight)
+    assert layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
+    assert torch.equal(layer.weight, codes) and torch.equal(layer.SCB, absmax)
+    assert layer.SCB.dtype == torch.float32 and layer.bias.dtype == dtype
+    assert torch.equal(layer.SCB, lin.weight.float().abs().amax(1))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 64)])
+def test_forward_dtypes_and_shapes(x_dtype, shape):
+    layer = Linear8bitLt.from_linear(linear())
+    x = make_input(int(torch.tensor(shape[:-1]).prod()), 64, x_dtype, n_outlier_cols=2, shape=shape)
+    out = layer(x)
+    assert out.dtype == x_dtype and out.shape == (*shape[:-1], 32)
+    want = F.int8_mixed_linear(x, layer.weight, layer.SCB, layer.bias, 6.0)
+    assert torch.equal(out, want)
+
+
+def test_state_dict_keys_dtypes_and_round_trip():
+    layer = Linear8bitLt.from_linear(linear())
+    sd = layer.state_dict()
+    assert list(sd) == ["weight", "bias", "SCB", "weight_format"]
+    assert sd["weight"].dtype == torch.int8 and sd["SCB"].dtype == torch.float32
+    assert sd["weight_format"].dtype == torch.uint8 and int(sd["weight_format"]) == 0
+    fresh = Linear8bitLt(64, 32)
+    fresh.load_state_dict(sd)
+    x = make_input(4, 64, n_outlier_cols=1)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_loading_a_float_linear_state_dict_quantizes_it():
+    lin = linear()
+    layer = Linear8bitLt(64, 32)
+    layer.load_state_dict(lin.state_dict())
+    ref = Linear8bitLt.from_linear(lin)
+    assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.SCB, ref.SCB)
+    assert torch.equal(layer.bias, lin.bias)
+
+
+def test_load_state_dict_with_assign_onto_meta():
+    layer = Linear8bitLt.from_linear(linear())
+    meta = Linear8bitLt(64, 32, device="meta")
+    meta.load_state_dict(layer.state_dict(), assign=True)
+    assert not meta.weight.is_meta and torch.equal(meta.weight, layer.weight)
+    x = torch.randn(3, 64)
+    assert torch.equal(meta(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda sd: sd.update(weight=sd["weight"][:, :10]), "weight has shape"),
+        (lambda sd: sd.pop("SCB"), "SCB is missing"),
+        (lambda sd: sd.update(SCB=sd["SCB"][:3]), "SCB must be a float tensor of shape"),
+        (lambda sd: sd.update(SCB=-sd["SCB"]), "finite and >= 0"),
+        (lambda sd: sd.update(weight_format=torch.tensor(2, dtype=torch.uint8)), "weight_format 2"),
+        (lambda sd: sd.update(bias=torch.zeros(5)), "bias has shape"),
+        (lambda sd: sd.update(weight=sd["weight"].int()), "weight must be int8"),
+    ],
+)
+def test_bad_state_dicts_raise_with_the_reason(mutate, message):
+    sd = dict(Linear8bitLt.from_linear(linear()).state_dict())
+    mutate(sd)
+    with pytest.raises(RuntimeError, match=message):
+        Linear8bitLt(64, 32).load_state_dict(sd)
+
+
+def test_missing_and_unexpected_keys_are_reported():
+    sd = dict(Linear8bitLt.from_linear(linear()).state_dict())
+    sd["extra"] = torch.zeros(1)
+    del sd["bias"]
+    result = Linear8bitLt(64, 32).load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == ["extra"]
+    with pytest.raises(RuntimeError, match="extra"):
+        Linear8bitLt(64, 32).load_state_dict(sd)
+
+
+def test_has_fp16_weights_is_refused_clearly():
+    with pytest.raises(ValueError, match="has_fp16_weights=True is not supported.*LoRA"):
+        Linear8bitLt(8, 8, has_fp16_weights=True)
+
+
+def test_bad_threshold_is_refused():
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        Linear8bitLt(8, 8, threshold=-1)
+
+
+def test_memory_is_a_quarter_of_fp32():
+    lin = linear(4096, 1024)
+    layer = Linear8bitLt.from_linear(lin)
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))  # noqa: E731
+    weight_and_scales = layer.weight.numel() + layer.SCB.numel() * 4
+    assert weight_and_scales <= 0.26 * lin.weight.numel() * 4
+    assert nbytes(layer) <= 0.26 * nbytes(lin)
+
+
+def test_train_and_eval_modes_compute_the_same():
+    layer = Linear8bitLt.from_linear(linear())
+    x = make_input(4, 64, n_outlier_cols=2)
+    train_out = layer.train()(x)
+    assert torch.equal(layer.eval()(x), train_out)
+
+
+def test_half_keeps_the_scales_in_float32():
+    layer = Linear8bitLt.from_linear(linear()).half()
+    assert layer.SCB.dtype == torch.float32 and layer.weight.dtype == torch.int8
+    assert layer.bias.dtype == torch.float16
+
+
+def test_fresh_module_is_a_quantized_random_linear():
+    torch.manual_seed(0)
+    layer = Linear8bitLt(64, 32)
+    assert layer.weight.abs().max() == 127 and (layer.SCB > 0).all()
+    assert layer(torch.randn(2, 64)).shape == (2, 32)
+
+
+def test_fp_columns_take_the_float_weight():
+    lin = linear()
+    layer = Linear8bitLt.from_linear(lin)
+    cols = torch.tensor([3, 17])
+    layer.set_fp_columns(cols, lin.weight)
+    x = torch.zeros(2, 64)
+    x[:, 3] = torch.tensor([1.5, -2.0])
+    want = x[:, 3:4].double() @ lin.weight[:, 3:4].double().T + lin.bias.double()
+    assert torch.allclose(layer(x).double(), want, rtol=1e-6, atol=1e-6)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias", "SCB", "weight_format", "fp_cols", "fp_weight"}
+    fresh = Linear8bitLt(64, 32)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), layer(x))
