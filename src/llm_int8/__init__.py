@@ -4,6 +4,9 @@
     report = llm_int8.quantize_(model, llm_int8.Int8Config(threshold=6.0))
 """
 
+import importlib.metadata
+
+from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA tensors when available)
 from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
 from .nn import Linear8bitLt
@@ -18,3 +21,24 @@ __all__ = [
     "memory_footprint",
     "quantize_",
 ]
+
+def _transformers_major() -> int | None:
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+if (_transformers_major() or 0) >= 5:
+    # Registers the "llm_int8" quantization method with transformers (the optional extra "hf").
+    from .integrations.hf import LLMInt8Config
+
+    __all__.append("LLMInt8Config")
+
+
+def __getattr__(name):
+    if name == "LLMInt8Config":  # not registered above: import it here for the error that says why
+        from .integrations.hf import LLMInt8Config
+
+        return LLMInt8Config
+    raise AttributeError(f"module 'llm_int8' has no attribute {name!r}")

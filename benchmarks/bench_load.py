@@ -1,0 +1,188 @@
+"""Question: how much memory does loading a checkpoint with LLMInt8Config take, compared with fp32?
+
+Writes a random-init, Llama-shaped float32 checkpoint of about 1 GB (sharded safetensors) to a temp
+dir, then loads it in fresh subprocesses, one per case, and reports each one's peak RSS:
+
+* baseline: the interpreter with torch, transformers and llm_int8 imported, nothing loaded;
+* fp32:     ``from_pretrained(path, dtype=torch.float32)``; its weights stay views into the mmap'd
+            files until used, so ``fp32-touched`` also reads every weight once, as a forward would;
+* int8:     ``from_pretrained(path, quantization_config=LLMInt8Config())``.
+
+Target (issue 3): int8 peak <= 1.3 x (int8 footprint + baseline). The ratios are measured in one run.
+
+    python benchmarks/bench_load.py [--layers 4] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+MIB = 2**20
+SHARD_BYTES = 256 * MIB
+TARGET_RATIO = 1.3
+CASES = ("baseline", "fp32", "fp32-touched", "int8")
+# Llama-shaped; the small vocabulary keeps the (float, unquantized) embeddings from dominating.
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+             vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def write_checkpoint(path: str, layers: int) -> int:
+    """A random float32 checkpoint in shards of about SHARD_BYTES; returns its size in bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, **SHAPE)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, shard, shard_bytes, total, index = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes, index
+        name = f"model-{index:05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, shard_bytes, index = {}, 0, index + 1
+
+    for key, meta in skeleton.state_dict().items():
+        tensor = torch.randn(meta.shape, generator=generator) * 0.02
+        if key.endswith("norm.weight"):
+            tensor = torch.ones(meta.shape)
+        shard[key] = tensor
+        shard_bytes += tensor.numel() * 4
+        total += tensor.numel() * 4
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    config.save_pretrained(path)
+    return total
+
+
+def child(case: str, path: str) -> None:
+    """Runs in a fresh interpreter: load one way, print footprint and this process's peak RSS as JSON."""
+    import torch
+    import transformers
+
+    import llm_int8
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    sampler = RssSampler()
+    sampler.start()
+    footprint = 0
+    if case != "baseline":
+        kwargs = {"dtype": torch.float32}
+        if case == "int8":
+            kwargs["quantization_config"] = llm_int8.LLMInt8Config()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        footprint = model.get_memory_footprint()
+        if case == "fp32-touched":
+            # fp32 weights are views into the mmap'd checkpoint, paged in on first use: read them all,
+            # as the first forward pass would.
+            with torch.no_grad():
+                for tensor in list(model.parameters()) + list(model.buffers()):
+                    tensor.sum()
+    sampler.stop()
+    print(json.dumps({"footprint": footprint, "peak_rss": peak_rss(), **sampler.peaks}))
+
+
+class RssSampler(threading.Thread):
+    """Samples /proc/self/status every few ms: peak anonymous and file-backed resident memory.
+
+    VmHWM gives only their sum; the file-backed part is the mmap'd checkpoint (clean page cache
+    the kernel can drop), the anonymous part is memory the load itself allocated.
+    """
+
+    def __init__(self, period_s: float = 0.005):
+        super().__init__(daemon=True)
+        self.period_s, self.peaks, self._done = period_s, {"peak_anon": 0, "peak_file": 0}, threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            self.sample()
+            time.sleep(self.period_s)
+
+    def sample(self):
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        for key, field in (("peak_anon", "RssAnon"), ("peak_file", "RssFile")):
+            if field in fields:
+                self.peaks[key] = max(self.peaks[key], int(fields[field].split()[0]) * 1024)
+
+    def stop(self):
+        self._done.set()
+        self.join()
+        self.sample()
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes.
+
+    VmHWM belongs to the address space, which exec replaces; getrusage's ru_maxrss would carry
+    over the peak of the parent that forked us (the one that wrote the checkpoint).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: KiB on Linux
+
+
+def measure(case: str, path: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", case, path], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (4 gives about 1 GB in fp32)")
+    parser.add_argument("--keep", help="write the checkpoint here (and reuse it if present) instead of a temp dir")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.keep or tmp
+        os.makedirs(path, exist_ok=True)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            size = write_checkpoint(path, args.layers)
+        else:
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+        results = {case: measure(case, path) for case in CASES}
+
+    base = results["baseline"]["peak_rss"]
+    fp32, int8 = results["fp32-touched"], results["int8"]
+    budget = int8["footprint"] + base
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
+    print(f"checkpoint: {size / MIB:.0f} MiB float32 in {SHARD_BYTES // MIB} MiB shards, Llama-shaped, {args.layers} layers, {SHAPE}")
+    print(f"{'case':<14}{'footprint':>10}{'peak RSS':>10}{'anon peak':>11}{'file peak':>11}   (MiB)")
+    for case in CASES:
+        r = results[case]
+        print(f"{case:<14}{r['footprint'] / MIB:>10.0f}{r['peak_rss'] / MIB:>10.0f}"
+              f"{r['peak_anon'] / MIB:>11.0f}{r['peak_file'] / MIB:>11.0f}")
+    print(f"footprint int8 / fp32:                             {int8['footprint'] / fp32['footprint']:.3f}")
+    print(f"peak RSS int8 / fp32 (weights paged in):           {int8['peak_rss'] / fp32['peak_rss']:.3f}")
+    print(f"peak anon int8 / fp32 (weights paged in):          {int8['peak_anon'] / max(fp32['peak_anon'], 1):.3f}")
+    print(f"int8 peak RSS / (int8 footprint + baseline RSS):   {int8['peak_rss'] / budget:.3f} (target <= {TARGET_RATIO})")
+    anon_budget = int8["footprint"] + results["baseline"]["peak_anon"]
+    print(f"int8 peak anon / (int8 footprint + baseline anon): {int8['peak_anon'] / anon_budget:.3f}")
+
+if __name__ == "__main__":
+    main()

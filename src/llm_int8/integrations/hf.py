@@ -1,0 +1,306 @@
+"""Hugging Face transformers integration: ``from_pretrained(..., quantization_config=LLMInt8Config())``.
+
+This is the only file of the package that imports transformers (and, through it, accelerate).
+Importing it registers the ``llm_int8`` quantization method with transformers, so that
+
+* ``AutoModelForCausalLM.from_pretrained(path, quantization_config=LLMInt8Config())`` builds the
+  model skeleton on the meta device, swaps its ``nn.Linear`` / GPT-2 ``Conv1D`` layers for
+  ``llm_int8.nn.Linear8bitLt`` (via ``llm_int8.quantize_``), and quantizes each weight as it
+  streams in from the checkpoint: the float model never exists in memory as a whole;
+* ``save_pretrained`` writes the int8 ``weight``, float32 ``SCB`` and ``weight_format`` tensors
+  (bitsandbytes' keys) and the config, and ``from_pretrained`` on that folder needs no config;
+* accelerate device maps (``"auto"``, explicit maps with ``"cpu"`` and ``"disk"`` entries,
+  ``max_memory``) place int8 layers anywhere: they stay int8 on every device, disk included.
+
+Models transformers cannot load with a quantization config (GGUF files) are quantized after
+loading with :func:`quantize_model`, which records the config so that ``save_pretrained`` works too.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from types import SimpleNamespace
+
+if importlib.util.find_spec("transformers") is None:
+    raise ImportError(
+        "llm_int8.integrations.hf needs transformers; install the extra: pip install 'llm-int8[hf]'"
+    )
+
+import torch
+from torch import nn
+from safetensors import safe_open
+from transformers.core_model_loading import ConversionOps
+from transformers.integrations.accelerate import offload_weight
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.base import get_keys_to_not_convert
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import functional as F
+from ..convert import Int8Config, QuantizeReport, default_skip_modules, is_convertible, quantize_
+from ..nn import WEIGHT_FORMAT_ROW, Linear8bitLt
+
+QUANT_METHOD = "llm_int8"
+# The loading hooks used here (HfQuantizer.get_quantize_ops, ConversionOps, per-key weight
+# streaming) are those of transformers 5.x; 4.x loaded quantized weights through other hooks.
+TESTED_TRANSFORMERS_MAJOR = 5
+
+_transformers_version = importlib.metadata.version("transformers")
+if int(_transformers_version.split(".")[0]) != TESTED_TRANSFORMERS_MAJOR:
+    raise ImportError(
+        f"llm_int8.integrations.hf works with transformers {TESTED_TRANSFORMERS_MAJOR}.x, found "
+        f"{_transformers_version}; install a supported one: pip install 'llm-int8[hf]'"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@register_quantization_config(QUANT_METHOD)
+class LLMInt8Config(QuantizationConfigMixin):
+    """LLM.int8() quantization for ``from_pretrained``; saved in ``config.json`` as ``quantization_config``.
+
+    threshold: the outlier threshold alpha (0 disables the decomposition; the paper uses 6.0).
+    skip_modules: module names kept in float (matched as in :class:`llm_int8.Int8Config`). ``None``
+        skips the output head and every layer whose weight is tied to an embedding.
+    """
+
+    def __init__(self, threshold: float = 6.0, skip_modules: list[str] | None = None, **kwargs):
+        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"LLMInt8Config has quant_method '{QUANT_METHOD}', got {quant_method!r}")
+        if kwargs:
+            raise TypeError(
+                f"LLMInt8Config got unknown fields {sorted(kwargs)}; it takes threshold and skip_modules. "
+                "For a bitsandbytes 8-bit config use LLMInt8Config.from_bitsandbytes(config)."
+            )
+        core = Int8Config(threshold=threshold, skip_modules=skip_modules)  # validates both fields
+        self.quant_method = QUANT_METHOD
+        self.threshold = core.threshold
+        self.skip_modules = core.skip_modules
+
+    def to_int8_config(self) -> Int8Config:
+        return Int8Config(threshold=self.threshold, skip_modules=self.skip_modules)
+
+    @classmethod
+    def from_bitsandbytes(cls, quantization_config) -> "LLMInt8Config":
+        """The config that loads a checkpoint written by transformers + bitsandbytes in 8-bit.
+
+        ``quantization_config`` is a ``BitsAndBytesConfig`` or its dict (``config.json``'s
+        ``quantization_config``). The threshold and the skipped modules carry over; the weights
+        (int8 ``weight``, float32 ``SCB``) load unchanged, since the state-dict keys are the same.
+        """
+        qc = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
+        if not qc.get("load_in_8bit", False):
+            raise ValueError(
+                "only bitsandbytes 8-bit checkpoints (load_in_8bit=True) can be loaded as LLM.int8(); "
+                f"this config is {'4-bit' if qc.get('load_in_4bit') else 'not 8-bit'}"
+            )
+        if qc.get("llm_int8_has_fp16_weight", False):
+            raise ValueError(
+                "this bitsandbytes checkpoint keeps float weights (llm_int8_has_fp16_weight=True); load it as a "
+                "plain float model with quantization_config=LLMInt8Config() instead, which quantizes it on load"
+            )
+        return cls(threshold=qc.get("llm_int8_threshold", 6.0), skip_modules=qc.get("llm_int8_skip_modules"))
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize-on-load: one checkpoint weight in, the int8 weight and its scales out
+
+
+class _QuantizeWeightOnLoad(ConversionOps):
+    """Turns a float ``<module>.weight`` from the checkpoint into ``weight``, ``SCB``, ``weight_format``.
+
+    transformers calls it once per weight as the checkpoint streams in (sequentially when
+    quantizing on the fly), on the weight's target device, so only one float weight is alive.
+    """
+
+    def __init__(self, hf_quantizer: "LLMInt8HfQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+        (name, value), = input_dict.items()
+        value = value[0] if isinstance(value, list) else value
+        module_name = name.rpartition(".")[0]
+        if module_name in self.hf_quantizer.transposed_modules:
+            value = value.T  # Conv1D stores its weight [in, out]; Linear8bitLt wants [out, in]
+        weight_int8, weight_absmax = F.quantize_weight(value)
+        weight_format = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=weight_int8.device)
+        return {
+            name: weight_int8,
+            f"{module_name}.SCB": weight_absmax,
+            f"{module_name}.weight_format": weight_format,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer
+
+
+@register_quantizer(QUANT_METHOD)
+class LLMInt8HfQuantizer(HfQuantizer):
+    """Drives ``from_pretrained`` for :class:`LLMInt8Config`; users never build it themselves.
+
+    After loading, ``model.hf_quantizer.report`` is the :class:`llm_int8.QuantizeReport` of the
+    conversion (converted and skipped layer names; the byte counts are those of the meta skeleton).
+    """
+
+    requires_calibration = False
+    quantization_config: LLMInt8Config
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.transposed_modules: set[str] = set()
+        self.report: QuantizeReport | None = None
+        self.load_dtype: torch.dtype | None = None
+
+    def update_dtype(self, dtype):
+        # Weights are cast to this dtype as they stream in, before we quantize them; the disk
+        # re-quantization below must start from the same values.
+        self.load_dtype = dtype
+        return dtype
+
+    @property
+    def quantized_element_size(self) -> float:
+        return 1  # int8 weights: what accelerate's device-map planning should count
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        # A pre-quantized checkpoint already holds int8 weights; answering False there also keeps
+        # transformers' shape check on the loaded tensors.
+        if self.pre_quantized:
+            return False
+        module, name = get_module_from_name(model, param_name)
+        return isinstance(module, Linear8bitLt) and name == "weight"
+
+    def modules_to_not_convert(self, model) -> list[str]:
+        """The config's skip list (default: the head and embedding-tied layers) plus fp32-pinned modules."""
+        skip = self.quantization_config.skip_modules
+        if skip is None:
+            skip = default_skip_modules(model)
+            if getattr(model, "all_tied_weights_keys", None) is not None:
+                skip += [name.removesuffix(".weight") for name in get_keys_to_not_convert(model)]
+        skip = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return sorted(set(skip))
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        self.transposed_modules = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+        config = Int8Config(threshold=self.quantization_config.threshold, skip_modules=self.modules_to_not_convert(model))
+        self.report = quantize_(model, config)
+        for module in model.modules():
+            if isinstance(module, Linear8bitLt):
+                # transformers' weight init must never draw into an int8 weight: it either loads from the
+                # checkpoint or, mapped to disk, stays meta here and is read back from the offload index.
+                module.weight._is_hf_initialized = True
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # accelerate's offload hook (AlignDevicesHook.post_forward) recognises bitsandbytes' layer by
+        # its class name, "Linear8bitLt", which ours shares, and clears ``module.state.SCB`` after
+        # each offloaded forward. Our scales are a buffer the hook manages itself; the namespace
+        # only gives that clean-up somewhere harmless to write.
+        for module in model.modules():
+            if isinstance(module, Linear8bitLt) and getattr(getattr(module, "_hf_hook", None), "offload", False):
+                module.state = SimpleNamespace(SCB=None, CxB=None)
+        if not self.pre_quantized:
+            self._store_disk_offloaded_weights_int8(model)
+        return model
+
+    def _store_disk_offloaded_weights_int8(self, model) -> None:
+        """Point the disk-offload index of every quantized weight at an int8 copy.
+
+        For weights mapped to ``"disk"``, transformers indexes the tensor where it already lies in
+        the float checkpoint (and drops what our quantize op returned for it); read back through
+        that index, it would be cast to int8 without scales. So each such weight is quantized
+        once more, from the checkpoint, and saved int8 into the offload folder. Its ``SCB`` was
+        set at load time from the same float weight, so the pair matches exactly.
+        """
+        for name, module in model.named_modules():
+            weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+            loader = getattr(weights_map, "dataset", None)  # accelerate's PrefixedDataset over its loader
+            if not isinstance(module, Linear8bitLt) or getattr(loader, "index", None) is None:
+                continue
+            key = weights_map.prefix + "weight"
+            entry = loader.index.get(key)
+            if entry is None or entry.get("safetensors_file") is None:
+                continue
+            with safe_open(entry["safetensors_file"], framework="pt") as f:
+                weight = f.get_tensor(entry.get("weight_name", key))
+            if not weight.is_floating_point():
+                continue  # already int8 (a bitsandbytes-format checkpoint)
+            if loader.save_folder is None:
+                raise ValueError(
+                    "quantizing while offloading layers to disk needs a folder for their int8 weights: "
+                    "pass offload_folder=... to from_pretrained"
+                )
+            if self.load_dtype is not None:
+                weight = weight.to(self.load_dtype)
+            if name in self.transposed_modules:
+                weight = weight.T
+            weight_int8, _ = F.quantize_weight(weight)
+            offload_weight(weight_int8.contiguous(), key, loader.save_folder, loader.index)
+
+    def get_quantize_ops(self):
+        return _QuantizeWeightOnLoad(self)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Weights are frozen, but gradients reach the inputs and biases, so adapters (LoRA) train.
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        """Replace every ``Linear8bitLt`` by an ``nn.Linear`` holding its dequantized weight."""
+        targets = [name for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
+        for name in targets:
+            module = model.get_submodule(name)
+            weight = module.dequantize(dtype or torch.float32)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
+            model.set_submodule(name, linear)
+        return model
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizing a model that is already loaded (GGUF files)
+
+
+def quantize_model(model, config: LLMInt8Config | None = None) -> QuantizeReport:
+    """Quantize, in place, a transformers model that is already loaded in float; returns the report.
+
+    This is the path for checkpoints transformers will not combine with a quantization config,
+    such as GGUF files (``from_pretrained(..., gguf_file=...)`` dequantizes them to float). The same
+    layers are converted as ``from_pretrained(..., quantization_config=config)`` would convert, and
+    the config is recorded on the model, so ``save_pretrained`` writes a pre-quantized checkpoint
+    that ``from_pretrained`` reloads without arguments.
+    """
+    config = config or LLMInt8Config()
+    if not isinstance(config, LLMInt8Config):
+        raise TypeError(f"config must be an LLMInt8Config, got {type(config).__name__}")
+    if not hasattr(model, "config"):
+        raise TypeError(
+            f"quantize_model expects a transformers PreTrainedModel, got {type(model).__name__}; "
+            "for any other nn.Module use llm_int8.quantize_(module, llm_int8.Int8Config(...))"
+        )
+    # A GGUF model is float once loaded (transformers dequantizes it); other quantizers leave
+    # integer weights behind, which cannot be quantized again.
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, Linear8bitLt) or (is_convertible(module) and not weight.is_floating_point()):
+            raise ValueError(
+                f"the model is already quantized ({name} holds a {weight.dtype} weight); load it in float "
+                "(without quantization_config) before calling quantize_model"
+            )
+    quantizer = LLMInt8HfQuantizer(config, pre_quantized=False)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    quantizer._process_model_before_weight_loading(model)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+    return quantizer.report
