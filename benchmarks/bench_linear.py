@@ -1,0 +1,123 @@
+"""How fast is our LLM.int8() Linear on the CPU, next to fp32, bf16, its own int8 GEMM and bitsandbytes?
+
+One process, interleaved repeats (every implementation runs once per round), medians. alpha = 6
+with ~0.1 % of the input columns planted as outliers (values x30), as in a >6.7B model's hidden
+states. Prints a table of ratios: ours / baseline (below 1 means ours is faster).
+
+    python benchmarks/bench_linear.py [--repeats 7] [--shapes 4096x4096,4096x11008] [--ms 1,16,128,512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import llm_int8
+from llm_int8 import cpu
+from llm_int8.functional import quantize_weight
+
+OUTLIER_SHARE = 0.001
+OUTLIER_SCALE = 30.0
+THRESHOLD = 6.0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_inputs(m, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    n_out = max(1, round(OUTLIER_SHARE * k))
+    x[:, torch.randperm(k, generator=g)[:n_out]] *= OUTLIER_SCALE
+    return x
+
+
+def bnb_layer(linear):
+    import bitsandbytes as bnb  # optional: only the comparison column needs it
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False, threshold=THRESHOLD)
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu").eval()
+
+
+def bench_shape(m, k, n, repeats, with_bnb):
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n)
+    linear_bf16 = nn.Linear(k, n).to(torch.bfloat16)
+    ours = llm_int8.Linear8bitLt.from_linear(linear, threshold=THRESHOLD)
+    x = make_inputs(m, k)
+    x_bf16 = x.bfloat16()
+    a_int8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    w_int8, _ = quantize_weight(linear.weight)
+    impls = {
+        "ours": lambda: ours(x),
+        "fp32": lambda: linear(x),
+        "bf16": lambda: linear_bf16(x_bf16),
+        "int8_gemm": lambda: torch.ops.llm_int8.int8_linear_matmul(a_int8, w_int8),
+    }
+    if with_bnb:
+        theirs = bnb_layer(linear)
+        impls["bnb"] = lambda: theirs(x)
+    times = {name: [] for name in impls}
+    with torch.inference_mode():
+        for fn in impls.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for name, fn in impls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shapes", default="4096x4096,4096x11008", help="KxN list")
+    parser.add_argument("--ms", default="1,16,128,512")
+    parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if installed")
+    args = parser.parse_args(argv)
+
+    with_bnb = not args.no_bnb
+    if with_bnb:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            with_bnb = False
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}")
+    print(f"ours: llm_int8 {llm_int8.__version__}, alpha = {THRESHOLD}, {OUTLIER_SHARE:.1%} outlier columns x{OUTLIER_SCALE:g}; "
+          f"medians of {args.repeats} interleaved repeats; ratio = ours / baseline (lower is better)")
+    header = f"{'K':>5} {'N':>6} {'M':>4} {'gemm':>6} {'ours ms':>9} {'fp32 ms':>9} {'/fp32':>6} {'/bf16':>6} {'/int8 gemm':>10}"
+    if with_bnb:
+        header += f" {'bnb ms':>9} {'/bnb':>6} {'bnb/fp32':>8}"
+    print(header)
+    for k, n in shapes:
+        for m in ms:
+            t = bench_shape(m, k, n, args.repeats, with_bnb)
+            row = (f"{k:>5} {n:>6} {m:>4} {cpu.gemm_path(m, k, n):>6} {t['ours'] * 1e3:>9.2f} {t['fp32'] * 1e3:>9.2f} "
+                   f"{t['ours'] / t['fp32']:>6.2f} {t['ours'] / t['bf16']:>6.2f} {t['ours'] / t['int8_gemm']:>10.2f}")
+            if with_bnb:
+                row += f" {t['bnb'] * 1e3:>9.2f} {t['ours'] / t['bnb']:>6.2f} {t['bnb'] / t['fp32']:>8.2f}"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Loader and wrapper for the native AVX2 int8 GEMM (``csrc/int8_gemm_avx2.c``).
+
+On this project's CPUs ``torch._int_mm`` is a slow scalar fallback, so we ship a small C kernel
+and build it with the system C compiler the first time it is needed:
+
+* The shared library is cached per user in ``$LLM_INT8_CACHE_DIR`` (default
+  ``$XDG_CACHE_HOME/llm_int8`` or ``~/.cache/llm_int8``), under a name that contains a hash of the
+  C source, the compiler command line and the compiler's version, so an edited source or another
+  compiler gets its own build.
+* The build writes to a temporary file in the cache directory and then ``os.replace``-s it into
+  place, so concurrent processes never load a half-written library (at worst both compile).
+* Loading is lazy and guarded by a lock.  Nothing here raises at import time: if the machine is
+  not x86-64, has no AVX2, has no compiler, or the build fails, ``available()`` returns False and
+  ``unavailable_reason()`` says why.  ``LLM_INT8_DISABLE_NATIVE=1`` turns the kernel off.
+
+The kernel is called through :mod:`ctypes`, which releases the GIL for the duration of the call.
+Only the standard library and torch are imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "int8_gemm_nt", "library_path", "MAX_K"]
+
+#: Largest K for which the int32 result is exact for codes in [-127, 127]:
+#: 127 * 127 * K must not exceed 2**31 - 1.
+MAX_K = (2**31 - 1) // (127 * 127)  # 133144
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_gemm_avx2.c"
+_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden"]
+_SYMBOL = "llm_int8_gemm_nt_s8s8s32"
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "fn": None, "reason": None, "path": None}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LLM_INT8_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm_int8"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return cc
+    for name in ("gcc", "cc"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+        return proc.stdout.splitlines()[0] if proc.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, source: bytes) -> Path:
+    """Compile the kernel (or reuse a cached build); return the library path. Raises on failure."""
+    key = hashlib.sha256()
+    for part in (source, " ".join([cc, *_CFLAGS]).encode(), _compiler_version(cc).encode(),
+                 platform.machine().encode()):
+        key.update(part)
+        key.update(b"\0")
+    name = f"int8_gemm_avx2-{key.hexdigest()[:20]}.so"
+
+    dirs = [_cache_dir()]
+    # Fall back to a private temporary directory if the cache directory is not writable.
+    last_err: Exception | None = None
+    for attempt in range(2):
+        if attempt == 1:
+            dirs.append(Path(tempfile.mkdtemp(prefix="llm_int8_")))
+        d = dirs[-1]
+        target = d / name
+        if target.is_file():
+            return target
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=d)
+            os.close(fd)
+        except OSError as exc:
+            last_err = exc
+            continue
+        try:
+            cmd = [cc, *_CFLAGS, "-o", tmp, str(_SOURCE)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr.strip()}"
+                )
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)  # atomic: other processes see no file or the whole file
+            return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"no writable directory to build the native kernel in: {last_err}")
+
+
+def _load() -> None:
+    """Build and load the library once; record the function or the reason it is unavailable."""
+    if _state["tried"]:
+        return
+    with _lock:
+        if _state["tried"]:
+            return
+        try:
+            _state["fn"], _state["path"] = _try_load()
+        except Exception as exc:  # noqa: BLE001 - any failure just means "not available"
+            _state["reason"] = f"{type(exc).__name__}: {exc}"
+        _state["tried"] = True
+
+
+def _try_load():
+    if os.environ.get("LLM_INT8_DISABLE_NATIVE", "").strip() not in ("", "0"):
+        raise RuntimeError("disabled by LLM_INT8_DISABLE_NATIVE")
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        raise RuntimeError(f"needs an x86-64 CPU with AVX2, this is {platform.machine()!r}")
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        # torch probes the CPU too; "DEFAULT" means no AVX2 (or ATEN_CPU_CAPABILITY forced it).
+        raise RuntimeError(f"CPU capability is {cap!r}, the kernel needs AVX2")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (gcc/cc, or $CC)")
+    path = _build(cc, _SOURCE.read_bytes())
+    lib = ctypes.CDLL(str(path))
+    if not lib.llm_int8_cpu_has_avx2():  # authoritative check: cpuid via __builtin_cpu_supports
+        raise RuntimeError("the CPU does not support AVX2")
+    fn = getattr(lib, _SYMBOL)
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64,  # A, lda
+        ctypes.c_void_p, ctypes.c_int64,  # B, ldb
+        ctypes.c_void_p, ctypes.c_int64,  # C, ldc
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # M, N, K
+        ctypes.c_int,  # threads
+    ]
+    fn.restype = ctypes.c_int
+    return fn, path
+
+
+def available() -> bool:
+    """True if the native kernel could be built and loaded on this machine (builds it if needed)."""
+    _load()
+    return _state["fn"] is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when the kernel is available)."""
+    _load()
+    return _state["reason"]
+
+
+def library_path() -> str | None:
+    """Path of the loaded shared library, or None."""
+    _load()
+    return None if _state["path"] is None else str(_state["path"])
+
+
+def _rows_operand(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A tensor whose rows are K-contiguous, and its row stride (copies only if needed)."""
+    rows, k = t.shape
+    if k > 1 and t.stride(1) != 1:
+        t = t.contiguous()
+    if rows <= 1:
+        return t, max(k, 1)
+    return t, t.stride(0)
+
+
+def int8_gemm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact ``a @ b.T`` for int8 ``a`` [M, K] and ``b`` [N, K]; returns int32 [M, N].
+
+    Both operands keep K as the last dimension (``b`` is e.g. an ``nn.Linear``-style weight).
+    Inputs whose last dimension is not contiguous are copied; rows may be strided.
+
+    Contract:
+
+    * Codes must lie in **[-127, 127]**.  -128 is not supported (the AVX2 sign trick negates
+      values, and -(-128) does not fit int8): it can give a wrong result, and it is not checked,
+      because checking would cost a full pass over the weight.
+    * The result is exact (equal to the int64 computation) for ``K <= MAX_K`` (133144), since
+      ``127 * 127 * K`` then fits in int32; a larger K raises ValueError.
+    * Uses ``torch.get_num_threads()`` threads; the GIL is released during the call.
+
+    ``out``, if given, must be a CPU int32 tensor of shape [M, N] whose last dimension is
+    contiguous; it is overwritten and returned.  Raises RuntimeError if the native kernel is
+    unavailable (see :func:`unavailable_reason`).
+    """
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError("int8_gemm_nt expects torch.Tensor operands")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"int8_gemm_nt expects int8 tensors, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"int8_gemm_nt expects 2-D tensors a [M, K] and b [N, K], got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        raise ValueError(f"int8_gemm_nt runs on CPU tensors, got {a.device} and {b.device}")
+    (m, k), (n, kb) = a.shape, b.shape
+    if k != kb:
+        raise ValueError(
+            f"int8_gemm_nt: inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} "
+            "(expected a [M, K] and b [N, K])"
+        )
+    if k > MAX_K:
+        raise ValueError(f"int8_gemm_nt: K={k} exceeds {MAX_K}, the int32 result could overflow")
+
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.int32)
+    else:
+        if out.dtype != torch.int32 or out.device.type != "cpu" or tuple(out.shape) != (m, n):
+            raise ValueError(
+                f"int8_gemm_nt: out must be a CPU int32 tensor of shape {(m, n)}, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        if n > 1 and out.stride(1) != 1:
+            raise ValueError("int8_gemm_nt: out must have a contiguous last dimension")
+        if m > 1 and n > 0 and out.stride(0) < n:
+            raise ValueError("int8_gemm_nt: out rows must not overlap (stride(0) >= N)")
+
+    fn = _state["fn"] if _state["tried"] else None
+    if fn is None:
+        _load()
+        fn = _state["fn"]
+        if fn is None:
+            raise RuntimeError(f"native int8 GEMM unavailable: {_state['reason']}")
+
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+
+    a_, lda = _rows_operand(a)
+    b_, ldb = _rows_operand(b)
+    ldc = out.stride(0) if m > 1 else n
+    rc = fn(a_.data_ptr(), lda, b_.data_ptr(), ldb, out.data_ptr(), ldc, m, n, k,
+            max(1, torch.get_num_threads()))
+    if rc != 0:
+        raise RuntimeError(f"native int8 GEMM failed with code {rc} (M={m}, N={n}, K={k})")
+    return out

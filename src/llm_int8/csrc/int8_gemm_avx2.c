@@ -1,0 +1,461 @@
+/*
+ * int8_gemm_avx2.c -- exact int8 x int8 -> int32 GEMM for x86-64 CPUs with AVX2.
+ *
+ *     C[M, N] (int32) = A[M, K] (int8) @ B[N, K]^T (int8)
+ *
+ * Both A and B are row-major with K contiguous ("NT" layout: every output element is a dot
+ * product of a row of A with a row of B).  Rows may be strided (lda / ldb >= K, or any value
+ * when there is a single row); C is row-major with row stride ldc.
+ *
+ * Plain C (gnu11) with GCC intrinsics and one inline-assembly loop; no Python or torch headers.
+ * It is loaded with ctypes by llm_int8/_native.py, which compiles it with gcc on first use.  The
+ * file is compiled for baseline x86-64; only the kernel section is compiled for AVX2 (target
+ * pragma), so the CPU probe llm_int8_cpu_has_avx2() can run safely anywhere.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * The multiply trick (AVX2 has no signed x signed byte multiply)
+ * ---------------------------------------------------------------------------------------------
+ * vpmaddubsw (_mm256_maddubs_epi16) multiplies UNSIGNED bytes by SIGNED bytes and adds adjacent
+ * pairs into saturating int16.  We feed it
+ *
+ *     u = |a|              (vpabsb)       -- unsigned, in [0, 127]
+ *     s = sign(b, a)       (vpsignb)      -- b negated where a < 0, zeroed where a == 0
+ *
+ * so that u * s == a * b for every byte.  With |a|, |b| <= 127 a pair sum is at most
+ * 2 * 127 * 127 = 32258 < 32767, so the int16 saturation can never trigger and the result is
+ * exact.  vpmaddwd (_mm256_madd_epi16) against a vector of int16 ones then adds neighbouring
+ * int16 pairs into int32 lanes, which we accumulate with vpaddd.  Per 32 bytes of K and per
+ * (row of A, row of B) pair that is sign + maddubs + madd + add.
+ *
+ * Throughput (measured on Zen 3 with a micro-benchmark): vpmaddubsw and vpmaddwd share two pipes
+ * (2 per cycle together), vpsignb issues on two other pipes, vpaddd on any of four.  The two
+ * multiplies bound the loop at one (pair, 32-byte) step per cycle = 32 MAC/cycle; the 2 x 4
+ * kernel below reaches about 21 MAC/cycle on one core with data in L1/L2 (fp32 FMA peaks at
+ * 16 MAC/cycle on the same core).
+ *
+ * INPUT CONTRACT: all codes must lie in [-127, 127].  The value -128 is NOT supported: vpsignb
+ * cannot negate it (-(-128) wraps back to -128), so a -128 in B that meets a negative code in A
+ * gives a wrong product, and the no-saturation argument above assumes magnitudes <= 127.  It
+ * never causes an out-of-bounds access, only a wrong number.  The codes are not checked (that
+ * would cost a pass over the weight).  Symmetric absmax quantization, as in LLM.int8(), never
+ * produces -128.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Exactness bound
+ * ---------------------------------------------------------------------------------------------
+ * Every product is at most 127 * 127 = 16129 in magnitude, so any partial sum over k terms is at
+ * most 16129 * k.  All partial sums we form (int16 pairs, int32 lanes, horizontal sums, the
+ * running C values between K blocks) are sums over a subset of the K products, so if
+ *
+ *     16129 * K <= 2^31 - 1,   i.e.  K <= 133144  (LLM_INT8_MAX_K)
+ *
+ * nothing ever overflows and C equals the exact (int64) result.  Larger K is rejected (return
+ * code -2) because the true result may not fit the int32 output at all.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Blocking and threading
+ * ---------------------------------------------------------------------------------------------
+ * Micro-kernel: an MR x NR block of dot products (MR rows of A, NR rows of B) kept in MR * NR
+ * ymm accumulators while walking K in 32-byte steps; each loaded A vector is reused NR times and
+ * each B vector MR times.  The main block is 2 x 4 (8 accumulators; its inner loop is inline
+ * assembly so that all 16 ymm registers are used without spills); M = 1 uses 1 x 4, and the
+ * M / N edges use smaller instances of the same template.  A K remainder (K % 32 != 0) is handled
+ * by copying the last partial chunk of each row into a zero-padded 32-byte buffer (zeros add
+ * nothing), so we never read past the end of a row.  The 8 int32 lanes of each accumulator are
+ * summed horizontally once per K block.
+ *
+ * Cache blocking (no packing, rows are read in place): M is cut into blocks of MC rows so that
+ * an MC x KC block of A (<= 256 KiB) stays in L2 while all of B's rows stream past it; within
+ * that, NR rows of B (NR x KC bytes) are reused from L1/L2 against every MR-row group of the A
+ * block, whose rows come from L2.  K is only cut (KC = 8192) when a single block would not fit;
+ * splitting K = 4096 measured slower, because every K block costs a horizontal reduction and a
+ * read-modify-write of C.  When all of A fits (small M, e.g. decoding), B is streamed from memory
+ * exactly once, which is what matters in the memory-bound M = 1 case.  While the first row group
+ * works on a group of NR rows of B, it software-prefetches the next NR rows.
+ *
+ * Threads: the caller passes the thread count (the Python side uses torch.get_num_threads()).
+ * N is cut into NR-aligned chunks (about 8 per thread; M is cut instead when N is too small)
+ * that the threads take in order from an atomic counter, so a thread the OS deschedules on a
+ * busy machine does not stall the others.  The calling thread works too; the others run on
+ * short-lived pthreads.  Tiny problems run single-threaded.
+ */
+
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LLM_INT8_MAX_K 133144 /* floor((2^31 - 1) / (127 * 127)) */
+
+/* The library is built with -fvisibility=hidden; only these entry points are exported. */
+#define EXPORT __attribute__((visibility("default")))
+
+/* ---- CPU feature probe: compiled for baseline x86-64, safe to call on any x86-64 CPU. ---- */
+
+EXPORT int llm_int8_cpu_has_avx2(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+EXPORT int llm_int8_max_k(void) { return LLM_INT8_MAX_K; }
+
+/* Everything below is only executed after the probe above said yes. */
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#include <immintrin.h>
+
+#define AI static inline __attribute__((always_inline))
+
+/* Tuning parameters (measured on a 2-core Zen 3, see the header).  K blocks are only used when
+ * M * K exceeds the L2 budget for A. */
+#ifndef L2_A_BUDGET
+#define L2_A_BUDGET (256 * 1024)
+#endif
+#ifndef KC_DEFAULT
+#define KC_DEFAULT 8192
+#endif
+#ifndef PF_STEPS
+#define PF_STEPS 8 /* 32-byte steps of the 2 x 4 loop per prefetch chunk (4 lines per row) */
+#endif
+#ifndef MC_MAX
+#define MC_MAX 128
+#endif
+
+/* Zero-padded copy of the last (n < 32) bytes of a row, as a vector. */
+AI __m256i load_tail(const int8_t *p, int n)
+{
+    int8_t buf[32] __attribute__((aligned(32)));
+    memset(buf, 0, sizeof buf);
+    memcpy(buf, p, (size_t)n);
+    return _mm256_load_si256((const __m256i *)buf);
+}
+
+AI int32_t hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* acc += sum over byte pairs of a * b (see the header); u = |a|. */
+#define DOT_STEP(acc, u, a, b, ones)                                                              \
+    (acc) = _mm256_add_epi32(                                                                     \
+        (acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), _mm256_sign_epi8((b), (a))), (ones)))
+
+/*
+ * Main loop of the 2 x 4 micro-kernel in inline assembly: nsteps 32-byte steps of K for rows
+ * A0, A1 of A and B0..B3 of B, accumulating into acc[0..3] (row A0) and acc[4..7] (row A1).
+ * Written by hand because gcc's register allocation of the intrinsics version spills
+ * accumulators to the stack inside the loop; here the 16 ymm registers are exactly
+ *   8 accumulators + ones + |a0|, |a1|, a0, a1 + one B vector + two temporaries.
+ * Per step: 2 + 4 loads, 2 vpabsb and 8 x (vpsignb, vpmaddubsw, vpmaddwd, vpaddd).
+ */
+AI void loop_2x4(const int8_t *A0, const int8_t *A1, const int8_t *B0, const int8_t *B1,
+                 const int8_t *B2, const int8_t *B3, int64_t nsteps, __m256i acc[8])
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c00 = acc[0], c01 = acc[1], c02 = acc[2], c03 = acc[3];
+    __m256i c10 = acc[4], c11 = acc[5], c12 = acc[6], c13 = acc[7];
+    int64_t off = 0;
+    /* AT&T operand order: "op src2, src1, dst".  vpsignb %a, %b, %t: t = b with a's signs;
+     * vpmaddubsw %t, %u, %t: u (unsigned) times t (signed), pairwise summed. */
+#define STEP_J(bp, c0, c1)                                                                        \
+    "vmovdqu (%[" #bp "],%[off]), %%ymm13\n\t"                                                    \
+    "vpsignb %%ymm10, %%ymm13, %%ymm14\n\t"                                                       \
+    "vpsignb %%ymm11, %%ymm13, %%ymm15\n\t"                                                       \
+    "vpmaddubsw %%ymm14, %%ymm8, %%ymm14\n\t"                                                     \
+    "vpmaddubsw %%ymm15, %%ymm9, %%ymm15\n\t"                                                     \
+    "vpmaddwd %[ones], %%ymm14, %%ymm14\n\t"                                                      \
+    "vpmaddwd %[ones], %%ymm15, %%ymm15\n\t"                                                      \
+    "vpaddd %%ymm14, %[" #c0 "], %[" #c0 "]\n\t"                                                  \
+    "vpaddd %%ymm15, %[" #c1 "], %[" #c1 "]\n\t"
+    __asm__ volatile(
+        "1:\n\t"
+        "vmovdqu (%[a0],%[off]), %%ymm10\n\t"
+        "vmovdqu (%[a1],%[off]), %%ymm11\n\t"
+        "vpabsb %%ymm10, %%ymm8\n\t"
+        "vpabsb %%ymm11, %%ymm9\n\t"
+        STEP_J(b0, c00, c10)
+        STEP_J(b1, c01, c11)
+        STEP_J(b2, c02, c12)
+        STEP_J(b3, c03, c13)
+        "add $32, %[off]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        : [c00] "+x"(c00), [c01] "+x"(c01), [c02] "+x"(c02), [c03] "+x"(c03),
+          [c10] "+x"(c10), [c11] "+x"(c11), [c12] "+x"(c12), [c13] "+x"(c13),
+          [off] "+r"(off), [n] "+r"(nsteps)
+        : [a0] "r"(A0), [a1] "r"(A1), [b0] "r"(B0), [b1] "r"(B1), [b2] "r"(B2), [b3] "r"(B3),
+          [ones] "x"(ones)
+        : "xmm8", "xmm9", "xmm10", "xmm11", "xmm13", "xmm14", "xmm15", "memory", "cc");
+#undef STEP_J
+    acc[0] = c00; acc[1] = c01; acc[2] = c02; acc[3] = c03;
+    acc[4] = c10; acc[5] = c11; acc[6] = c12; acc[7] = c13;
+}
+
+/*
+ * C[i, j] (+)= dot(A[i, 0:kb], B[j, 0:kb]) for i < MR, j < NR (MR <= 2, NR <= 4).  MR and NR
+ * are compile-time constants at every call site, so the loops unroll and the accumulators live
+ * in registers.  The full 2 x 4 block runs its main loop in assembly (loop_2x4); the smaller
+ * edge blocks use intrinsics, where the register pressure is low enough for gcc.
+ *
+ * pf, when not NULL, points at the first of the NR rows of B that the caller will use next
+ * (same K offset); we prefetch them into L1 while working on this block.  The hardware
+ * prefetcher alone restarts slowly on every new group of row streams, which showed up as a
+ * large loss in the memory-bound small-M cases.
+ */
+AI void ukernel(const int MR, const int NR, const int8_t *A, int64_t lda, const int8_t *B,
+                int64_t ldb, int64_t kb, int32_t *C, int64_t ldc, int accumulate,
+                const int8_t *pf)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[2][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_si256();
+
+    int64_t k = 0;
+    if (MR == 2 && NR == 4) {
+        if (kb >= 32) {
+            __m256i t[8];
+            for (int q = 0; q < 8; q++) t[q] = _mm256_setzero_si256();
+            const int64_t nsteps = kb / 32;
+            /* with pf: run the assembly loop in chunks of PF_STEPS steps, prefetching the
+             * matching part of the next 4 rows of B before each chunk */
+            const int64_t chunk = pf ? PF_STEPS : nsteps;
+            for (int64_t s0 = 0; s0 < nsteps; s0 += chunk) {
+                const int64_t o = s0 * 32, n = (nsteps - s0) < chunk ? (nsteps - s0) : chunk;
+                if (pf)
+                    for (int j = 0; j < 4; j++)
+                        for (int64_t l = 0; l < n * 32; l += 64)
+                            _mm_prefetch((const char *)(pf + j * ldb + o + l), _MM_HINT_T0);
+                loop_2x4(A + o, A + lda + o, B + o, B + ldb + o, B + 2 * ldb + o, B + 3 * ldb + o,
+                         n, t);
+            }
+            for (int q = 0; q < 4; q++) {
+                acc[0][q] = t[q];
+                acc[1][q] = t[4 + q];
+            }
+            k = kb & ~(int64_t)31;
+        }
+    } else {
+        for (; k + 32 <= kb; k += 32) {
+            __m256i a[2], u[2];
+            for (int i = 0; i < MR; i++) {
+                a[i] = _mm256_loadu_si256((const __m256i *)(A + i * lda + k));
+                u[i] = _mm256_abs_epi8(a[i]);
+            }
+            for (int j = 0; j < NR; j++) {
+                if (pf) _mm_prefetch((const char *)(pf + j * ldb + k), _MM_HINT_T0);
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + j * ldb + k));
+                for (int i = 0; i < MR; i++) DOT_STEP(acc[i][j], u[i], a[i], b, ones);
+            }
+        }
+    }
+    if (k < kb) { /* K remainder: 1..31 bytes, zero padded */
+        const int rem = (int)(kb - k);
+        __m256i a[2], u[2];
+        for (int i = 0; i < MR; i++) {
+            a[i] = load_tail(A + i * lda + k, rem);
+            u[i] = _mm256_abs_epi8(a[i]);
+        }
+        for (int j = 0; j < NR; j++) {
+            const __m256i b = load_tail(B + j * ldb + k, rem);
+            for (int i = 0; i < MR; i++) DOT_STEP(acc[i][j], u[i], a[i], b, ones);
+        }
+    }
+
+    for (int i = 0; i < MR; i++) {
+        for (int j = 0; j < NR; j++) {
+            const int32_t s = hsum_epi32(acc[i][j]);
+            int32_t *c = C + i * ldc + j;
+            /* unsigned add: wraps instead of UB; never wraps within LLM_INT8_MAX_K anyway */
+            *c = accumulate ? (int32_t)((uint32_t)*c + (uint32_t)s) : s;
+        }
+    }
+}
+
+typedef void (*ukernel_fn)(const int8_t *, int64_t, const int8_t *, int64_t, int64_t, int32_t *,
+                           int64_t, int, const int8_t *);
+
+#define DEFINE_UKERNEL(mr, nr)                                                                    \
+    static void ukernel_##mr##x##nr(const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,   \
+                                    int64_t kb, int32_t *C, int64_t ldc, int accumulate,          \
+                                    const int8_t *pf)                                             \
+    {                                                                                             \
+        ukernel(mr, nr, A, lda, B, ldb, kb, C, ldc, accumulate, pf);                                \
+    }
+
+DEFINE_UKERNEL(1, 1) DEFINE_UKERNEL(1, 2) DEFINE_UKERNEL(1, 3) DEFINE_UKERNEL(1, 4)
+DEFINE_UKERNEL(2, 1) DEFINE_UKERNEL(2, 2) DEFINE_UKERNEL(2, 3) DEFINE_UKERNEL(2, 4)
+
+/* Block shape: BLOCK_M rows of A x BLOCK_N rows of B; UKERNELS[mr - 1][nr - 1] covers the edges. */
+#define BLOCK_M 2
+#define BLOCK_N 4
+static const ukernel_fn UKERNELS[BLOCK_M][BLOCK_N] = {
+    {ukernel_1x1, ukernel_1x2, ukernel_1x3, ukernel_1x4},
+    {ukernel_2x1, ukernel_2x2, ukernel_2x3, ukernel_2x4},
+};
+
+typedef struct {
+    const int8_t *A;
+    const int8_t *B;
+    int32_t *C;
+    int64_t lda, ldb, ldc;
+    int64_t M, N, K;
+} gemm_args;
+
+/* Single-threaded blocked GEMM on one sub-problem. */
+static void gemm_serial(const gemm_args *g)
+{
+    const int64_t M = g->M, N = g->N, K = g->K;
+    const int mr = BLOCK_M, nr = BLOCK_N;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (int64_t i = 0; i < M; i++) memset(g->C + i * g->ldc, 0, (size_t)N * sizeof(int32_t));
+        return;
+    }
+
+    int64_t kc, mc;
+    if (M * K <= L2_A_BUDGET) { /* all of A fits in L2: one K block, B streamed once */
+        kc = K;
+        mc = M;
+    } else {
+        kc = K < KC_DEFAULT ? K : KC_DEFAULT;
+        mc = L2_A_BUDGET / kc;
+        if (mc > MC_MAX) mc = MC_MAX;
+        mc -= mc % mr;
+        if (mc < mr) mc = mr;
+    }
+
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kb = (K - k0) < kc ? (K - k0) : kc;
+        const int accumulate = k0 > 0;
+        for (int64_t i0 = 0; i0 < M; i0 += mc) {
+            const int64_t mb = (M - i0) < mc ? (M - i0) : mc;
+            for (int64_t j = 0; j < N; j += nr) {
+                const int nb = (N - j) < nr ? (int)(N - j) : nr;
+                const int8_t *Bj = g->B + j * g->ldb + k0;
+                for (int64_t i = i0; i < i0 + mb; i += mr) {
+                    const int m = (i0 + mb - i) < mr ? (int)(i0 + mb - i) : mr;
+                    /* the first row group of a B panel prefetches the next full panel */
+                    const int8_t *pf = (i == i0 && j + 2 * nr <= N) ? Bj + nr * g->ldb : NULL;
+                    UKERNELS[m - 1][nb - 1](g->A + i * g->lda + k0, g->lda, Bj, g->ldb, kb,
+                                            g->C + i * g->ldc + j, g->ldc, accumulate, pf);
+                }
+            }
+        }
+    }
+}
+
+/* Work shared by the threads of one call: the N (or M) range cut into chunks, handed out in
+ * order through an atomic counter, so a thread that the OS deschedules (a busy machine) does not
+ * hold everyone else up at the join. */
+typedef struct {
+    gemm_args base;
+    int split_n;     /* 1: chunks are ranges of B rows (N); 0: ranges of A rows (M) */
+    int64_t total;   /* N or M */
+    int64_t chunk;   /* rows per chunk, a multiple of the block size */
+    int64_t nchunks;
+    int64_t next;    /* next chunk to hand out (atomic) */
+} gemm_shared;
+
+static void gemm_worker(gemm_shared *sh)
+{
+    for (;;) {
+        const int64_t c = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
+        if (c >= sh->nchunks) return;
+        const int64_t lo = c * sh->chunk;
+        const int64_t hi = (lo + sh->chunk) < sh->total ? (lo + sh->chunk) : sh->total;
+        gemm_args g = sh->base;
+        if (sh->split_n) {
+            g.B += lo * g.ldb;
+            g.C += lo;
+            g.N = hi - lo;
+        } else {
+            g.A += lo * g.lda;
+            g.C += lo * g.ldc;
+            g.M = hi - lo;
+        }
+        gemm_serial(&g);
+    }
+}
+
+static void *gemm_thread_main(void *p)
+{
+    gemm_worker((gemm_shared *)p);
+    return NULL;
+}
+
+#define MAX_THREADS 256
+#define CHUNKS_PER_THREAD 8
+/* Below this many multiply-adds, starting threads costs more than it saves. */
+#define MIN_MACS_PER_THREAD (1 << 20)
+
+/*
+ * C = A @ B^T, exact, for codes in [-127, 127] and K <= LLM_INT8_MAX_K.
+ * Returns 0 on success, -1 on bad arguments, -2 if K is too large for an exact int32 result,
+ * -3 if the CPU lacks AVX2.
+ */
+EXPORT int llm_int8_gemm_nt_s8s8s32(
+    const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc,
+    int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    if (M < 0 || N < 0 || K < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    if (K > LLM_INT8_MAX_K) return -2;
+    if (!C || ldc < N || (K > 0 && (!A || !B))) return -1;
+    if (!llm_int8_cpu_has_avx2()) return -3;
+
+    const gemm_args base = {A, B, C, lda, ldb, ldc, M, N, K};
+
+    /* thread count: caller's choice, capped so every thread gets a decent amount of work */
+    int64_t nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    const double macs = (double)M * (double)N * (double)(K > 0 ? K : 1);
+    while (nt > 1 && macs / (double)nt < (double)MIN_MACS_PER_THREAD) nt--;
+
+    int split_n = 1;
+    if (nt > 1) {
+        if (N >= nt * BLOCK_N * 4) {
+            split_n = 1;
+        } else if (M >= nt * BLOCK_M * 4) {
+            split_n = 0;
+        } else {
+            nt = 1;
+        }
+    }
+    if (nt == 1) {
+        gemm_serial(&base);
+        return 0;
+    }
+
+    /* about CHUNKS_PER_THREAD chunks per thread, each a whole number of blocks */
+    gemm_shared sh;
+    sh.base = base;
+    sh.split_n = split_n;
+    sh.total = split_n ? N : M;
+    const int64_t unit = split_n ? BLOCK_N : BLOCK_M;
+    const int64_t units = (sh.total + unit - 1) / unit;
+    int64_t per = units / (nt * CHUNKS_PER_THREAD);
+    if (per < 1) per = 1;
+    sh.chunk = per * unit;
+    sh.nchunks = (sh.total + sh.chunk - 1) / sh.chunk;
+    sh.next = 0;
+
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t t = 1; t < nt; t++)
+        started[t] = pthread_create(&tids[t], NULL, gemm_thread_main, &sh) == 0;
+    gemm_worker(&sh); /* the calling thread works too; if a thread failed to start, the
+                         remaining threads simply take its chunks */
+    for (int64_t t = 1; t < nt; t++)
+        if (started[t]) pthread_join(tids[t], NULL);
+    return 0;
+}
+
+#pragma GCC pop_options

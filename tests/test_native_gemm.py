@@ -1,0 +1,200 @@
+"""Exactness and input handling of the native AVX2 int8 GEMM (llm_int8._native)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from llm_int8 import _native
+
+pytestmark = pytest.mark.skipif(
+    not _native.available(),
+    reason=f"native int8 GEMM unavailable: {_native.unavailable_reason()}",
+)
+
+M_SIZES = [0, 1, 2, 3, 5, 16, 17, 33, 128]
+K_SMALL = [0, 1, 2, 31, 32, 33, 63, 64, 65, 100]
+N_SIZES = [0, 1, 3, 7, 8, 9, 65, 257]
+
+
+def ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int64 reference, narrowed to int32 (exact in the tested range)."""
+    return (a.long() @ b.long().T).int()
+
+
+def codes(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+
+
+def check(a: torch.Tensor, b: torch.Tensor) -> None:
+    got = _native.int8_gemm_nt(a, b)
+    assert got.dtype == torch.int32
+    assert got.shape == (a.shape[0], b.shape[0])
+    want = ref(a, b)
+    assert torch.equal(got, want), (
+        f"mismatch for a {tuple(a.shape)}, b {tuple(b.shape)}: "
+        f"max |diff| {(got.long() - want.long()).abs().max().item()}"
+    )
+
+
+@pytest.mark.parametrize("k", K_SMALL)
+def test_random_codes_all_small_shapes(k):
+    gen = torch.Generator().manual_seed(1000 + k)
+    for m in M_SIZES:
+        a = codes(m, k, gen=gen)
+        for n in N_SIZES:
+            check(a, codes(n, k, gen=gen))
+
+
+@pytest.mark.parametrize("k", [4096, 8192])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_random_codes_large_k(m, k):
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    for n in (1, 9, 65):
+        check(codes(m, k, gen=gen), codes(n, k, gen=gen))
+
+
+def test_large_mn_both_thread_splits():
+    gen = torch.Generator().manual_seed(5)
+    # wide N: the kernel splits N across threads; tall M with tiny N: it splits M
+    check(codes(33, 1000, gen=gen), codes(257, 1000, gen=gen))
+    check(codes(301, 1024, gen=gen), codes(7, 1024, gen=gen))
+    check(codes(128, 129, gen=gen), codes(130, 129, gen=gen))
+
+
+def _pattern(kind: str, rows: int, k: int, sign: int = 1) -> torch.Tensor:
+    if kind == "pos":
+        v = torch.full((rows, k), 127)
+    elif kind == "neg":
+        v = torch.full((rows, k), -127)
+    elif kind == "alt":  # +127, -127, +127, ...
+        v = torch.where(torch.arange(k) % 2 == 0, 127, -127).expand(rows, k)
+    elif kind == "alt_pairs":  # +127, +127, -127, -127, ...: same signs inside each byte pair
+        v = torch.where(torch.arange(k) // 2 % 2 == 0, 127, -127).expand(rows, k)
+    else:
+        raise ValueError(kind)
+    return (sign * v).to(torch.int8).contiguous()
+
+
+@pytest.mark.parametrize("ka", ["pos", "neg", "alt", "alt_pairs"])
+@pytest.mark.parametrize("kb", ["pos", "neg", "alt", "alt_pairs"])
+def test_adversarial_full_range(ka, kb):
+    # every product is +-127**2: the largest int16 pair sums maddubs can see, and the largest
+    # int32 accumulations for this K
+    for m, n, k in [(1, 3, 8192), (5, 9, 4095), (4, 2, 33)]:
+        check(_pattern(ka, m, k), _pattern(kb, n, k))
+
+
+def test_exact_at_max_k():
+    k = _native.MAX_K  # 127 * 127 * K still fits int32
+    a = _pattern("pos", 1, k)
+    b = torch.cat([_pattern("pos", 1, k), _pattern("neg", 1, k), _pattern("alt", 1, k)])
+    got = _native.int8_gemm_nt(a, b)
+    assert got.tolist() == [[127 * 127 * k, -127 * 127 * k, 127 * 127 * (k % 2)]]
+
+
+def test_k_too_large_raises():
+    k = _native.MAX_K + 1
+    with pytest.raises(ValueError, match="exceeds"):
+        _native.int8_gemm_nt(torch.zeros(1, k, dtype=torch.int8), torch.zeros(1, k, dtype=torch.int8))
+
+
+def test_zero_k_gives_zeros_even_into_dirty_out():
+    out = torch.full((3, 4), 7, dtype=torch.int32)
+    res = _native.int8_gemm_nt(
+        torch.empty(3, 0, dtype=torch.int8), torch.empty(4, 0, dtype=torch.int8), out=out
+    )
+    assert res is out
+    assert torch.equal(out, torch.zeros(3, 4, dtype=torch.int32))
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = 17, 65, 100
+    a_t = codes(k, m, gen=gen).T  # strides (1, m): copied by the wrapper
+    b_t = codes(k, n, gen=gen).T
+    assert not a_t.is_contiguous() and not b_t.is_contiguous()
+    check(a_t, b_t)
+    # rows strided but K contiguous: used in place (row stride > K)
+    a_wide = codes(m, k + 37, gen=gen)[:, 5 : 5 + k]
+    b_wide = codes(n, 2 * k, gen=gen)[:, k:]
+    assert a_wide.stride() == (k + 37, 1)
+    check(a_wide, b_wide)
+    # broadcast rows (row stride 0) and a column slice with step 2 (copied)
+    a_bc = codes(1, k, gen=gen).expand(5, k)
+    check(a_bc, codes(2 * n, 2 * k, gen=gen)[::2, ::2])
+
+
+def test_out_argument_strided_rows():
+    gen = torch.Generator().manual_seed(8)
+    a, b = codes(9, 70, gen=gen), codes(11, 70, gen=gen)
+    big = torch.full((9, 20), -5, dtype=torch.int32)
+    out = big[:, 3:14]
+    res = _native.int8_gemm_nt(a, b, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert torch.equal(out, ref(a, b))
+    assert torch.all(big[:, :3] == -5) and torch.all(big[:, 14:] == -5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads):
+    gen = torch.Generator().manual_seed(9)
+    a, b = codes(20, 1000, gen=gen), codes(150, 1000, gen=gen)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(a, b)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_concurrent_python_threads():
+    gen = torch.Generator().manual_seed(10)
+    cases = [(codes(8, 700, gen=gen), codes(90, 700, gen=gen)) for _ in range(4)]
+    want = [ref(a, b) for a, b in cases]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            if not torch.equal(_native.int8_gemm_nt(*cases[i]), want[i]):
+                errors.append(f"case {i} mismatched")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    a = torch.zeros(2, 8, dtype=torch.int8)
+    b = torch.zeros(3, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8"):
+        _native.int8_gemm_nt(a.float(), b)
+    with pytest.raises(ValueError, match="int8"):
+        _native.int8_gemm_nt(a, b.to(torch.int32))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        _native.int8_gemm_nt(a, torch.zeros(3, 9, dtype=torch.int8))
+    with pytest.raises(ValueError, match="2-D"):
+        _native.int8_gemm_nt(torch.zeros(8, dtype=torch.int8), b)
+    with pytest.raises(ValueError, match="2-D"):
+        _native.int8_gemm_nt(a, torch.zeros(1, 3, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="out"):
+        _native.int8_gemm_nt(a, b, out=torch.empty(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out"):
+        _native.int8_gemm_nt(a, b, out=torch.empty(2, 3, dtype=torch.int64))
+    with pytest.raises(TypeError):
+        _native.int8_gemm_nt(a.numpy(), b)
+
+
+def test_unavailable_raises_runtime_error(monkeypatch):
+    monkeypatch.setitem(_native._state, "fn", None)
+    monkeypatch.setitem(_native._state, "reason", "pretend: no AVX2")
+    assert not _native.available()
+    assert _native.unavailable_reason() == "pretend: no AVX2"
+    a = torch.zeros(2, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="pretend: no AVX2"):
+        _native.int8_gemm_nt(a, a)
