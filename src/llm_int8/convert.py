@@ -136,6 +136,10 @@ def quantize_(
     and those for which ``filter_fn(module, qualified_name)`` returns False. Returns a report with
     the converted names and the memory footprint before and after.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, qualified_name) -> bool, got {type(filter_fn).__name__}")
     config = config or Int8Config()
     if not isinstance(config, Int8Config):
         raise TypeError(f"config must be an llm_int8.Int8Config, got {type(config).__name__}")

@@ -8,6 +8,7 @@ wrappers (``torch.ops.llm_int8.*``) assume checked inputs.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -35,6 +36,10 @@ def _check_float_input(x: torch.Tensor, name: str = "x") -> None:
 
 
 def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(
+            f"threshold must be a number >= 0 (0 disables the outlier decomposition; the paper uses 6.0), got {threshold!r}"
+        )
     threshold = float(threshold)
     if math.isnan(threshold) or threshold < 0.0:
         raise ValueError(
@@ -44,6 +49,12 @@ def _check_threshold(threshold: float) -> float:
 
 
 def _check_int8_weight(weight_int8: torch.Tensor, weight_absmax: torch.Tensor) -> None:
+    for name, t in (("weight_int8", weight_int8), ("weight_absmax", weight_absmax)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(t).__name__}; get both from "
+                "llm_int8.functional.quantize_weight(weight)"
+            )
     if weight_int8.dtype != torch.int8:
         raise TypeError(
             f"weight_int8 must be int8, got {weight_int8.dtype}; quantize a float weight first with "
@@ -210,6 +221,8 @@ def int8_mm_dequant(
         )
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {out_dtype}")
     return _ops.int8_mm_dequant(acc, x_absmax, w_absmax, bias, out_dtype)
 
 
@@ -249,6 +262,13 @@ def int8_mixed_linear(
             f"fp_cols must be 1-D [F] and fp_weight [N, F] = [{n}, {fp_cols.numel()}]; "
             f"got {tuple(fp_cols.shape)} and {tuple(fp_weight.shape)}"
         )
+    if fp_cols is not None:
+        if fp_cols.dtype != torch.int64:
+            raise TypeError(f"fp_cols must be int64 column indices, got {fp_cols.dtype}; convert with fp_cols.long()")
+        if not fp_weight.is_floating_point():
+            raise TypeError(f"fp_weight must be a float tensor (the float weight's columns fp_cols), got {fp_weight.dtype}")
+        if fp_cols.numel() and (int(fp_cols.min()) < 0 or int(fp_cols.max()) >= k):
+            raise ValueError(f"fp_cols must lie in [0, K) = [0, {k}), got {fp_cols.tolist()[:10]}")
     _check_same_device(x=x, weight_int8=weight_int8, weight_absmax=weight_absmax, bias=bias)
     x2 = _as_rows(x)
     out = _ops.int8_mixed_linear(x2, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
@@ -277,7 +297,7 @@ def _backward(ctx, grad_out):
         if fp_cols is not None and fp_cols.numel():
             grad_x[:, fp_cols] = g @ fp_weight.float()
         grad_x = grad_x.to(ctx.x_dtype)
-    if ctx.needs_input_grad[3]:
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
     return grad_x, None, None, grad_bias, None, None, None
 

