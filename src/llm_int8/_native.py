@@ -38,7 +38,7 @@ __all__ = ["available", "unavailable_reason", "int8_gemm_nt", "library_path", "M
 MAX_K = (2**31 - 1) // (127 * 127)  # 133144
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_gemm_avx2.c"
-_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden"]
+_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden"]
 _SYMBOL = "llm_int8_gemm_nt_s8s8s32"
 
 _lock = threading.Lock()
