@@ -142,3 +142,15 @@ def test_real_smollm2_quantizes_with_small_logit_error():
         after = model(ids).logits
     assert relative_error(after[:, 1:], before[:, 1:]) < 0.1
     assert (after.argmax(-1) == before.argmax(-1)).float().mean() >= 0.8
+
+
+def test_fp_columns_option_keeps_calibrated_columns_in_fp16():
+    model = tiny_llama()
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    quantize_(model, Int8Config(fp_columns={"model.layers.0.self_attn.q_proj": [5, 2]}))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.fp_cols.tolist() == [2, 5] and layer.fp_weight.dtype == torch.float16
+    assert torch.equal(layer.fp_weight, q_proj[:, [2, 5]].half())
+    assert model.model.layers[0].self_attn.k_proj.fp_cols is None
+    with pytest.raises(TypeError, match="fp_columns"):
+        Int8Config(fp_columns={"a": [-1]})

@@ -22,10 +22,14 @@ class Int8Config:
         name contains it as whole dotted parts ("mlp", "lm_head", "layers.0"). ``None`` (the default) skips the
         output head (``model.get_output_embeddings()`` or a module named ``lm_head``) and every
         linear layer whose weight is tied to an embedding; a list replaces that default.
+    fp_columns: calibrated outlier columns, ``{layer name: [input column, ...]}`` (see
+        ``llm_int8.eval.calibrate``): those input columns of that layer always take the 16-bit path,
+        against its weight columns stored in fp16 (``fp_cols`` / ``fp_weight`` in the state dict).
     """
 
     threshold: float = 6.0
     skip_modules: list[str] | None = None
+    fp_columns: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold) or self.threshold < 0:
@@ -35,6 +39,15 @@ class Int8Config:
             if isinstance(self.skip_modules, str) or not all(isinstance(s, str) for s in self.skip_modules):
                 raise TypeError(f"Int8Config.skip_modules must be a list of module names, got {self.skip_modules!r}")
             self.skip_modules = list(self.skip_modules)
+        if self.fp_columns is not None:
+            if not isinstance(self.fp_columns, dict) or not all(
+                isinstance(name, str) and all(isinstance(c, int) and c >= 0 for c in cols)
+                for name, cols in self.fp_columns.items()
+            ):
+                raise TypeError(
+                    "Int8Config.fp_columns must map layer names to lists of input column indices >= 0, "
+                    f"got {self.fp_columns!r}"
+                )
 
 
 @dataclass
@@ -117,12 +130,15 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def convert_module(module: nn.Module, threshold: float) -> Linear8bitLt:
-    """One ``nn.Linear`` or ``Conv1D`` as a ``Linear8bitLt`` on the same device."""
-    if isinstance(module, nn.Linear):
-        return Linear8bitLt.from_linear(module, threshold)
+def convert_module(module: nn.Module, threshold: float, fp_cols: list[int] | None = None) -> Linear8bitLt:
+    """One ``nn.Linear`` or ``Conv1D`` as a ``Linear8bitLt`` on the same device; ``fp_cols`` are
+    input columns kept in fp16 (calibrated outlier dims)."""
     # Conv1D computes x @ weight + bias with weight [in, out]: the Linear weight is its transpose.
-    return Linear8bitLt.from_weight(module.weight.T, module.bias, threshold)
+    weight = module.weight if isinstance(module, nn.Linear) else module.weight.T
+    layer = Linear8bitLt.from_weight(weight, module.bias, threshold)
+    if fp_cols:
+        layer.set_fp_columns(torch.tensor(fp_cols, dtype=torch.int64), weight.detach().to(torch.float16))
+    return layer
 
 
 def quantize_(
@@ -159,7 +175,8 @@ def quantize_(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         with torch.no_grad():
-            setattr(parent, child, convert_module(getattr(parent, child), config.threshold))
+            fp_cols = (config.fp_columns or {}).get(name)
+            setattr(parent, child, convert_module(getattr(parent, child), config.threshold, fp_cols))
         report.converted.append(name)
     report.bytes_after = memory_footprint(model)
     return report

@@ -10,13 +10,14 @@ become outliers only at run time still work, through the dequantized int8 column
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..convert import Int8Config, QuantizeReport, memory_footprint, quantize_
-from ..nn import Linear8bitLt
+from ..convert import Int8Config, QuantizeReport, quantize_
 from .outliers import OUTLIER_MAGNITUDE, InputTracker
 from .perplexity import Progress, _identity
 
@@ -80,20 +81,11 @@ def plan_from_tracker(tracker: InputTracker, min_position_share: float = MIN_POS
 def quantize_with_plan(
     model: nn.Module, plan: CalibrationPlan, config: Int8Config | None = None, dtype: torch.dtype = FP_COLUMN_DTYPE
 ) -> QuantizeReport:
-    """``quantize_(model, config)``, then store the planned columns of each converted layer in ``dtype``."""
-    float_weights = {
-        name: (module.weight if isinstance(module, nn.Linear) else module.weight.T).detach()
-        for name, module in model.named_modules()
-        if name in plan.columns
-    }
-    report = quantize_(model, config)
-    for name in report.converted:
-        cols = plan.columns.get(name)
-        if cols:
-            module: Linear8bitLt = model.get_submodule(name)
-            module.set_fp_columns(torch.tensor(cols, dtype=torch.int64), float_weights[name].to(dtype))
-    report.bytes_after = memory_footprint(model)
-    return report
+    """``quantize_`` with the planned columns of each converted layer kept in 16 bit (``Int8Config.fp_columns``)."""
+    config = config or Int8Config()
+    if dtype != FP_COLUMN_DTYPE:
+        raise ValueError(f"calibrated columns are stored in {FP_COLUMN_DTYPE}, got dtype={dtype}")
+    return quantize_(model, dataclasses.replace(config, fp_columns=dict(plan.columns)))
 
 
 def quantize_calibrated(
