@@ -150,3 +150,37 @@ def test_fp_columns_take_the_float_weight():
     fresh = Linear8bitLt(64, 32)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh(x), layer(x))
+
+
+def test_eager_fast_path_equals_the_op_and_steps_aside_when_needed():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llm_int8 import functional as F
+
+    layer = Linear8bitLt.from_linear(nn.Linear(40, 24))
+    x = torch.randn(3, 5, 40)
+    x[..., 7] *= 30  # an outlier column
+    with torch.no_grad():
+        direct = layer(x)
+    with torch.no_grad():
+        assert F.direct_mixed_kernel(x, layer.weight, layer.bias) is not None
+    assert F.direct_mixed_kernel(x, layer.weight, layer.bias) is None  # the bias wants a gradient
+    via_op = F.int8_mixed_linear(x, layer.weight, layer.SCB, layer.bias, layer.threshold)
+    assert torch.equal(direct, via_op)
+
+    # gradients needed: the op (and its autograd formula) runs
+    xg = x.clone().requires_grad_()
+    assert F.direct_mixed_kernel(xg, layer.weight, layer.bias) is None
+    layer(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen():  # a dispatch mode must see the op, not be bypassed
+        assert torch.equal(layer(x), direct)
+    assert any("llm_int8.int8_mixed_linear" in op for op in Seen.ops)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "int8_gemm_nt", "library_path", "MAX_K"]
+__all__ = ["available", "unavailable_reason", "int8_gemm_nt", "mixed_linear_f32", "library_path", "MAX_K"]
 
 #: Largest K for which the int32 result is exact for codes in [-127, 127]:
 #: 127 * 127 * K must not exceed 2**31 - 1.
@@ -40,9 +40,12 @@ MAX_K = (2**31 - 1) // (127 * 127)  # 133144
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_gemm_avx2.c"
 _CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden"]
 _SYMBOL = "llm_int8_gemm_nt_s8s8s32"
+_MIXED_SYMBOL = "llm_int8_mixed_linear_f32"
+#: Most decomposed columns the fused epilogue multiplies itself; with more, the caller does.
+MAX_FUSED_COLS = 64
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "fn": None, "reason": None, "path": None}
+_state: dict = {"tried": False, "fn": None, "mixed": None, "reason": None, "path": None}
 
 
 def _cache_dir() -> Path:
@@ -121,7 +124,7 @@ def _load() -> None:
         if _state["tried"]:
             return
         try:
-            _state["fn"], _state["path"] = _try_load()
+            _state["fn"], _state["mixed"], _state["path"] = _try_load()
         except Exception as exc:  # noqa: BLE001 - any failure just means "not available"
             _state["reason"] = f"{type(exc).__name__}: {exc}"
         _state["tried"] = True
@@ -153,7 +156,16 @@ def _try_load():
         ctypes.c_int,  # threads
     ]
     fn.restype = ctypes.c_int
-    return fn, path
+    mixed = getattr(lib, _MIXED_SYMBOL)
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    mixed.argtypes = [
+        p, i64, i64, i64,  # x, ldx, M, K
+        p, i64, i64, p, p, ctypes.c_float,  # W, ldw, N, scb, bias, threshold
+        p, i64, p,  # fp_cols, nfp, fpw
+        p, i64, p, p, c_int, c_int,  # out, ldo, cols_out, ncols_out, max_cols, threads
+    ]
+    mixed.restype = ctypes.c_int
+    return fn, mixed, path
 
 
 def available() -> bool:
@@ -256,3 +268,45 @@ def int8_gemm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     if rc != 0:
         raise RuntimeError(f"native int8 GEMM failed with code {rc} (M={m}, N={n}, K={k})")
     return out
+
+
+def mixed_linear_f32(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    weight_absmax: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    fp_cols: torch.Tensor | None = None,
+    fp_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The LLM.int8() forward in one native call: quantization, int8 GEMM and dequantization fused.
+
+    x float32 [M, K] (rows may be strided, K contiguous); weight_int8 [N, K]; weight_absmax float32
+    [N]; bias float32 [N] or None; fp_cols int64 [F] with fp_weight float32 [N, F] contiguous, or
+    None. M, N, K > 0 and K <= MAX_K (the caller handles the empty cases).
+
+    Returns ``(out, cols, complete)``: out float32 [M, N]; cols the decomposed columns (those found
+    at run time, ascending, then fp_cols). When ``complete`` is False (more than MAX_FUSED_COLS
+    columns), out holds only the int8 part and the caller must add ``x[:, cols] @ w_cols.T`` and the
+    bias. Same codes and int32 sums as the eager path; see ``csrc/int8_gemm_avx2.c``.
+    """
+    _load()
+    fn = _state["mixed"]
+    if fn is None:
+        raise RuntimeError(f"native int8 kernels unavailable: {_state['reason']}")
+    x_, ldx = _rows_operand(x)
+    w_, ldw = _rows_operand(weight_int8)
+    (m, k), n = x.shape, weight_int8.shape[0]
+    nfp = 0 if fp_cols is None else fp_cols.numel()
+    out = torch.empty((m, n), dtype=torch.float32)
+    cols = torch.empty(k + nfp, dtype=torch.int64)
+    ncols = ctypes.c_int64(0)
+    rc = fn(
+        x_.data_ptr(), ldx, m, k,
+        w_.data_ptr(), ldw, n, weight_absmax.data_ptr(), None if bias is None else bias.data_ptr(), threshold,
+        None if not nfp else fp_cols.data_ptr(), nfp, None if not nfp else fp_weight.data_ptr(),
+        out.data_ptr(), n, cols.data_ptr(), ctypes.byref(ncols), MAX_FUSED_COLS, max(1, torch.get_num_threads()),
+    )
+    if rc < 0:
+        raise RuntimeError(f"native LLM.int8() forward failed with code {rc} (M={m}, N={n}, K={k})")
+    return out, cols[: ncols.value], rc == 0

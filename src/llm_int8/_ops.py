@@ -26,6 +26,18 @@ INT8_MAX = 127
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
+#: Eager fast path: device type -> the ``int8_mixed_linear`` kernel registered for it. Modules call
+#: it directly for plain tensors when nothing needs the dispatcher (no autograd, compile or modes),
+#: which saves the dispatcher's Python round trip on every layer of a decoding step.
+DIRECT_MIXED_KERNELS: dict = {}
+
+
+def register_kernel(name: str, device_type: str | None, fn) -> None:
+    """Register ``fn`` as the ``device_type`` kernel of op ``name`` (None: every device)."""
+    torch.library.register_kernel(f"{NAMESPACE}::{name}", device_type, fn)
+    if name == "int8_mixed_linear" and device_type is not None:
+        DIRECT_MIXED_KERNELS[device_type] = fn
+
 _lib.define("int8_vectorwise_quant(Tensor x, float threshold=0.0) -> (Tensor, Tensor, Tensor)")
 _lib.define("int8_linear_matmul(Tensor a, Tensor b) -> Tensor")
 _lib.define(

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import _native
-from ._ops import INT8_MAX, NAMESPACE
-from .reference import decomposed_columns, quantize_rows, row_absmax
+from ._ops import INT8_MAX, register_kernel
+from .reference import decomposed_columns, dequantize_weight_columns, quantize_rows, row_absmax
 from .reference import int8_vectorwise_quant as _reference_vectorwise_quant
 
 # 1040 * 127**2 < 2**24: the largest K-chunk whose float32 dot products of int8 codes are exact.
@@ -72,7 +72,32 @@ def int8_mm_dequant(acc, x_absmax, w_absmax, bias=None, out_dtype=None):
     return out.to(out_dtype or torch.float32)
 
 
+def _native_mixed_ok(x, weight_int8) -> bool:
+    m, k = x.shape
+    return m > 0 and k > 0 and weight_int8.shape[0] > 0 and k <= _native.MAX_K and _native.available()
+
+
+def _float32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
 def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
+    if _native_mixed_ok(x, weight_int8):
+        # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
+        xf = x.float()
+        out, cols, complete = _native.mixed_linear_f32(
+            xf, weight_int8, _float32(weight_absmax), _float32(bias), float(threshold),
+            None if fp_cols is None else fp_cols.contiguous(), _float32(fp_weight),
+        )
+        if not complete:  # many decomposed columns (a low threshold): their product in one GEMM
+            n_found = cols.numel() - (0 if fp_cols is None else fp_cols.numel())
+            w_cols = dequantize_weight_columns(weight_int8, weight_absmax, cols[:n_found])
+            if fp_cols is not None:
+                w_cols = torch.cat([w_cols, fp_weight.float()], dim=1)
+            out.addmm_(xf[:, cols], w_cols.T)
+            if bias is not None:
+                out.add_(bias.float())
+        return out.to(x.dtype)
     xf = x.float()
     cols, w_cols = decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_weight)
     has_cols = cols.numel() > 0
@@ -94,4 +119,4 @@ for _name, _fn in [
     ("int8_mm_dequant", int8_mm_dequant),
     ("int8_mixed_linear", int8_mixed_linear),
 ]:
-    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "cpu", _fn)
+    register_kernel(_name, "cpu", _fn)

@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
-from ._ops import INT8_MAX
+from ._ops import DIRECT_MIXED_KERNELS, INT8_MAX
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ops = torch.ops.llm_int8
@@ -76,6 +76,22 @@ def _check_same_device(**tensors) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
+
+
+def direct_mixed_kernel(x, weight_int8: torch.Tensor, bias: torch.Tensor | None):
+    """The ``int8_mixed_linear`` kernel of x's device when calling it directly is the same as the op.
+
+    That is eager inference: x a plain float tensor on the weight's device, no gradient needed, not
+    under torch.compile, no torch function or dispatch mode active. Otherwise None (go through the
+    op: autograd, tracing and modes need the dispatcher).
+    """
+    if type(x) is not torch.Tensor or x.dtype not in FLOAT_DTYPES or x.device != weight_int8.device:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return None
+    return DIRECT_MIXED_KERNELS.get(x.device.type)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:

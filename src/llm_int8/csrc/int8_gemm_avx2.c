@@ -80,7 +80,9 @@
  * process they are torch's own pool.  Tiny problems run single-threaded.
  */
 
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LLM_INT8_MAX_K 133144 /* floor((2^31 - 1) / (127 * 127)) */
@@ -295,10 +297,33 @@ DEFINE_UKERNEL(2, 1) DEFINE_UKERNEL(2, 2) DEFINE_UKERNEL(2, 3) DEFINE_UKERNEL(2,
 /* Block shape: BLOCK_M rows of A x BLOCK_N rows of B; UKERNELS[mr - 1][nr - 1] covers the edges. */
 #define BLOCK_M 2
 #define BLOCK_N 4
+#define BLOCK_N_EPI BLOCK_N
 static const ukernel_fn UKERNELS[BLOCK_M][BLOCK_N] = {
     {ukernel_1x1, ukernel_1x2, ukernel_1x3, ukernel_1x4},
     {ukernel_2x1, ukernel_2x2, ukernel_2x3, ukernel_2x4},
 };
+
+/* Fused dequantization epilogue of the LLM.int8() forward (see llm_int8_mixed_linear_f32).  The
+ * GEMM writes int32 sums into the float32 output buffer; on the last K block each finished tile is
+ * turned in place into
+ *
+ *     out[i, j] = ((float)acc[i, j] * sx[i]) * sw[j]  +  sum_c xc[i, c] * wc[j, c]  +  bias[j]
+ *
+ * (the same float32 operations, in the same order, as the eager torch path), where the decomposed
+ * columns c < n_int8 multiply the dequantized int8 weight column, wc[j, c] = (float)W[j, col_c] * sw[j],
+ * and the others the stored float columns fpw[j, c - n_int8]. */
+typedef struct {
+    const float *sx;       /* [M] x_absmax / 127 */
+    const float *sw;       /* [N] w_absmax / 127 */
+    const float *bias;     /* [N] or NULL */
+    int64_t ncols;         /* decomposed columns handled here (0: none) */
+    int64_t n_int8;        /* the first n_int8 of them use the int8 weight */
+    const int64_t *cols;   /* [ncols] their indices in K */
+    const float *xc;       /* [M, ncols] x at those columns */
+    const int8_t *W;       /* [N, ldw] the int8 weight */
+    int64_t ldw;
+    const float *fpw;      /* [N, ncols - n_int8] float weight columns */
+} epilogue;
 
 typedef struct {
     const int8_t *A;
@@ -306,7 +331,45 @@ typedef struct {
     int32_t *C;
     int64_t lda, ldb, ldc;
     int64_t M, N, K;
+    const epilogue *epi;   /* NULL: plain int32 output */
+    int64_t row0, col0;    /* global index of this sub-problem's first row / column */
 } gemm_args;
+
+#define EPI_MAX_COLS 64 /* most decomposed columns the epilogue handles; more go to the caller */
+
+/* Apply the epilogue to the finished m x nb tile at C (global row gi, column gj); C holds int32 sums
+ * and becomes float32 in place. */
+static void apply_epilogue(const epilogue *e, int32_t *C, int64_t ldc, int64_t gi, int m, int64_t gj,
+                           int nb)
+{
+    float wc[EPI_MAX_COLS][BLOCK_N_EPI];
+    const int64_t nc = e->ncols;
+    for (int64_t c = 0; c < nc; c++) {
+        for (int j = 0; j < nb; j++) {
+            const int64_t n = gj + j;
+            wc[c][j] = c < e->n_int8 ? (float)e->W[n * e->ldw + e->cols[c]] * e->sw[n]
+                                     : e->fpw[n * (nc - e->n_int8) + (c - e->n_int8)];
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        const float sx = e->sx[gi + i];
+        const float *xc = e->xc + (gi + i) * nc;
+        int32_t *ci = C + i * ldc;
+        float *oi = (float *)ci;
+        for (int j = 0; j < nb; j++) {
+            int32_t a;
+            memcpy(&a, ci + j, sizeof a);
+            float v = ((float)a * sx) * e->sw[gj + j];
+            if (nc) {
+                float dot = 0.0f;
+                for (int64_t c = 0; c < nc; c++) dot += xc[c] * wc[c][j];
+                v += dot;
+            }
+            if (e->bias) v += e->bias[gj + j];
+            memcpy(oi + j, &v, sizeof v);
+        }
+    }
+}
 
 /* Single-threaded blocked GEMM on one sub-problem. */
 static void gemm_serial(const gemm_args *g)
@@ -345,6 +408,9 @@ static void gemm_serial(const gemm_args *g)
                     const int8_t *pf = (i == i0 && j + 2 * nr <= N) ? Bj + nr * g->ldb : NULL;
                     UKERNELS[m - 1][nb - 1](g->A + i * g->lda + k0, g->lda, Bj, g->ldb, kb,
                                             g->C + i * g->ldc + j, g->ldc, accumulate, pf);
+                    if (g->epi && k0 + kb == K)
+                        apply_epilogue(g->epi, g->C + i * g->ldc + j, g->ldc, g->row0 + i, m,
+                                       g->col0 + j, nb);
                 }
             }
         }
@@ -375,10 +441,12 @@ static void gemm_worker(gemm_shared *sh)
             g.B += lo * g.ldb;
             g.C += lo;
             g.N = hi - lo;
+            g.col0 += lo;
         } else {
             g.A += lo * g.lda;
             g.C += lo * g.ldc;
             g.M = hi - lo;
+            g.row0 += lo;
         }
         gemm_serial(&g);
     }
@@ -394,6 +462,9 @@ static void gemm_worker(gemm_shared *sh)
  * Returns 0 on success, -1 on bad arguments, -2 if K is too large for an exact int32 result,
  * -3 if the CPU lacks AVX2.
  */
+static void gemm_run(const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb, int32_t *C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K, int nthreads, const epilogue *epi);
+
 EXPORT int llm_int8_gemm_nt_s8s8s32(
     const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc,
     int64_t M, int64_t N, int64_t K, int nthreads)
@@ -403,8 +474,14 @@ EXPORT int llm_int8_gemm_nt_s8s8s32(
     if (K > LLM_INT8_MAX_K) return -2;
     if (!C || ldc < N || (K > 0 && (!A || !B))) return -1;
     if (!llm_int8_cpu_has_avx2()) return -3;
+    gemm_run(A, lda, B, ldb, C, ldc, M, N, K, nthreads, NULL);
+    return 0;
+}
 
-    const gemm_args base = {A, B, C, lda, ldb, ldc, M, N, K};
+static void gemm_run(const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb, int32_t *C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K, int nthreads, const epilogue *epi)
+{
+    const gemm_args base = {A, B, C, lda, ldb, ldc, M, N, K, epi, 0, 0};
 
     /* thread count: caller's choice, capped so every thread gets a decent amount of work */
     int64_t nt = nthreads < 1 ? 1 : nthreads;
@@ -424,7 +501,7 @@ EXPORT int llm_int8_gemm_nt_s8s8s32(
     }
     if (nt == 1) {
         gemm_serial(&base);
-        return 0;
+        return;
     }
 
     /* about CHUNKS_PER_THREAD chunks per thread, each a whole number of blocks */
@@ -446,7 +523,202 @@ EXPORT int llm_int8_gemm_nt_s8s8s32(
      * and made a whole layer up to 3x slower than its parts. */
     #pragma omp parallel num_threads((int)nt)
     gemm_worker(&sh);
-    return 0;
+}
+
+
+/* =============================================================================================
+ * The whole LLM.int8() forward for float32 x, in one call (llm_int8_mixed_linear_f32).
+ *
+ *   1. decomposed columns: every column of x with max_m |x[m, c]| >= threshold (NaN counted as 0,
+ *      so it never hides an Inf elsewhere in the column), then the calibrated fp_cols;
+ *   2. per row: those columns set to 0, absmax (NaN propagates), codes round-half-even(x * 127/absmax)
+ *      (a row of zeros gets codes 0; a row whose absmax is not finite gets codes 0 and an absmax that
+ *      carries the NaN / Inf into its outputs);
+ *   3. the int8 GEMM with the fused epilogue above (dequantization, decomposed columns, bias).
+ *
+ * This is the eager path of llm_int8/cpu.py (and the reference kernel) in three passes over x and
+ * one over the output instead of about twenty.  Codes and int32 sums are identical; the float
+ * output can differ in the last bits where a sum of the decomposed columns is formed in another
+ * order than a BLAS would.
+ * ============================================================================================= */
+
+/* Column-wise max |x| over the rows, NaN ignored: cmax[c] for c in [c0, c1). */
+static void column_absmax(const float *x, int64_t ldx, int64_t M, int64_t c0, int64_t c1, float *cmax)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t c = c0;
+    for (; c + 64 <= c1; c += 64) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = x + m * ldx + c;
+            for (int q = 0; q < 8; q++) /* max(a, acc) returns acc when a is NaN */
+                acc[q] = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row + 8 * q), absmask), acc[q]);
+        }
+        for (int q = 0; q < 8; q++) _mm256_storeu_ps(cmax + c + 8 * q, acc[q]);
+    }
+    for (; c < c1; c++) {
+        float a = 0.0f;
+        for (int64_t m = 0; m < M; m++) {
+            const float v = __builtin_fabsf(x[m * ldx + c]);
+            if (v > a) a = v; /* false for NaN */
+        }
+        cmax[c] = a;
+    }
+}
+
+/* Codes of one row (decomposed columns already zeroed in src); returns the row's absmax. */
+static float quantize_row(const float *src, int64_t K, int8_t *codes)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(src + k);
+        vmax = _mm256_max_ps(_mm256_and_ps(v, absmask), vmax);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float absmax = 0.0f;
+    for (int q = 0; q < 8; q++) absmax = lanes[q] > absmax ? lanes[q] : absmax;
+    int nan = _mm256_movemask_ps(vnan) != 0;
+    for (; k < K; k++) {
+        const float v = __builtin_fabsf(src[k]);
+        if (v != v) nan = 1;
+        else if (v > absmax) absmax = v;
+    }
+    if (nan) absmax = __builtin_nanf("");
+
+    if (!(absmax > 0.0f) || !__builtin_isfinite(absmax)) { /* zeros, NaN or Inf: codes 0 */
+        memset(codes, 0, (size_t)K);
+        return absmax;
+    }
+    /* as torch evaluates `127 / absmax` (reciprocal, then times 127): bit-identical codes */
+    const float scale = (1.0f / absmax) * 127.0f;
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i q[4];
+        for (int t = 0; t < 4; t++) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + k + 8 * t), vs);
+            q[t] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        const __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), perm);
+        _mm256_storeu_si256((__m256i *)(codes + k), b);
+    }
+    for (; k < K; k++) codes[k] = (int8_t)__builtin_rintf(src[k] * scale); /* rint: half to even */
+    return absmax;
+}
+
+/* Below this many elements of x per thread, the quantization passes run on one thread. */
+#define MIN_QUANT_PER_THREAD (1 << 16)
+
+/*
+ * out [M, N] (float32, row stride ldo) = LLM.int8() forward of x [M, K] (float32, row stride ldx)
+ * with the int8 weight W [N, K] (row stride ldw), its row absmax scb [N], optional bias [N], run-time
+ * threshold (<= 0: none) and nfp calibrated columns fp_cols [nfp] with float weight columns
+ * fpw [N, nfp] (row-major).  cols_out (capacity K + nfp) receives the decomposed columns, found ones
+ * (ascending, those not in fp_cols) first, then fp_cols; *ncols_out their number.
+ *
+ * Returns 0 when out is complete; 1 when more than max_cols (<= EPI_MAX_COLS) columns were
+ * decomposed: out then holds the dequantized int8 part only, and the caller adds
+ * x[:, cols] @ wcols.T and the bias; -1 bad arguments, -2 K too large, -3 no AVX2, -4 out of memory.
+ */
+EXPORT int llm_int8_mixed_linear_f32(
+    const float *x, int64_t ldx, int64_t M, int64_t K,
+    const int8_t *W, int64_t ldw, int64_t N, const float *scb, const float *bias, float threshold,
+    const int64_t *fp_cols, int64_t nfp, const float *fpw,
+    float *out, int64_t ldo, int64_t *cols_out, int64_t *ncols_out, int max_cols, int nthreads)
+{
+    if (M <= 0 || N <= 0 || K <= 0 || nfp < 0 || ldx < K || ldw < K || ldo < N) return -1;
+    if (!x || !W || !scb || !out || !cols_out || !ncols_out || (nfp && (!fp_cols || !fpw))) return -1;
+    if (K > LLM_INT8_MAX_K) return -2;
+    if (!llm_int8_cpu_has_avx2()) return -3;
+    if (max_cols > EPI_MAX_COLS) max_cols = EPI_MAX_COLS;
+    int nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    while (nt > 1 && (double)M * (double)K / nt < MIN_QUANT_PER_THREAD) nt--;
+
+    int rc = -4;
+    int8_t *codes = NULL;
+    float *sx = NULL, *sw = NULL, *xc = NULL, *cmax = NULL, *tmp = NULL;
+    uint8_t *is_fp = NULL;
+    codes = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    sx = malloc((size_t)M * sizeof(float));
+    sw = malloc((size_t)N * sizeof(float));
+    is_fp = calloc((size_t)K, 1);
+    if (!codes || !sx || !sw || !is_fp) goto done;
+
+    /* 1. the decomposed columns */
+    for (int64_t f = 0; f < nfp; f++) {
+        if (fp_cols[f] < 0 || fp_cols[f] >= K) { rc = -1; goto done; }
+        is_fp[fp_cols[f]] = 1;
+    }
+    int64_t nc = 0;
+    if (threshold > 0.0f) {
+        cmax = malloc((size_t)K * sizeof(float));
+        if (!cmax) goto done;
+        if (nt > 1) {
+            const int64_t blocks = (K + 63) / 64;
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t b = 0; b < blocks; b++)
+                column_absmax(x, ldx, M, b * 64, (b + 1) * 64 < K ? (b + 1) * 64 : K, cmax);
+        } else {
+            column_absmax(x, ldx, M, 0, K, cmax);
+        }
+        for (int64_t c = 0; c < K; c++)
+            if (cmax[c] >= threshold && !is_fp[c]) cols_out[nc++] = c;
+    }
+    const int64_t n_int8 = nc;
+    for (int64_t f = 0; f < nfp; f++) {
+        cols_out[nc++] = fp_cols[f];
+        is_fp[fp_cols[f]] = 1;
+    }
+    for (int64_t c = 0; c < n_int8; c++) is_fp[cols_out[c]] = 1; /* now: "decomposed" */
+    *ncols_out = nc;
+    const int fused = nc <= max_cols;
+
+    /* 2. row quantization, and x at the decomposed columns */
+    if (nc) {
+        tmp = malloc((size_t)nt * (size_t)K * sizeof(float));
+        if (!tmp) goto done;
+        if (fused) {
+            xc = malloc((size_t)M * (size_t)nc * sizeof(float));
+            if (!xc) goto done;
+        }
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+        const float *src = row;
+        if (nc) {
+            float *t = tmp + (int64_t)omp_get_thread_num() * K;
+            memcpy(t, row, (size_t)K * sizeof(float));
+            for (int64_t c = 0; c < nc; c++) t[cols_out[c]] = 0.0f;
+            if (xc)
+                for (int64_t c = 0; c < nc; c++) xc[m * nc + c] = row[cols_out[c]];
+            src = t;
+        }
+        sx[m] = quantize_row(src, K, codes + m * K) / 127.0f;
+    }
+    for (int64_t n = 0; n < N; n++) sw[n] = scb[n] / 127.0f;
+
+    /* 3. GEMM + epilogue */
+    const epilogue e = {sx, sw, fused ? bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw, fpw};
+    gemm_run(codes, K, W, ldw, (int32_t *)out, ldo, M, N, K, nthreads, &e);
+    rc = fused ? 0 : 1;
+
+done:
+    free(codes);
+    free(sx);
+    free(sw);
+    free(xc);
+    free(cmax);
+    free(tmp);
+    free(is_fp);
+    return rc;
 }
 
 #pragma GCC pop_options

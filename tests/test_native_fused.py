@@ -1,0 +1,145 @@
+"""The fused native LLM.int8() forward (``_native.mixed_linear_f32``) against the reference kernel.
+
+Without decomposed columns the fused path performs the reference's float32 operations in the same
+order, so outputs must be bit-identical (which also pins the int8 codes and int32 sums: one code off
+changes a whole output row). With decomposed columns only the order of the float32 sum over those
+columns may differ, so the bound is a few float32 roundings of the terms involved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_int8 import _native, cpu, reference
+from llm_int8.functional import quantize_weight
+
+from helpers import EPS32, make_input, make_weight
+
+pytestmark = pytest.mark.skipif(
+    not _native.available(), reason=f"native kernels unavailable: {_native.unavailable_reason()}"
+)
+
+# (M, K, N): M = 1 (decode), tile edges in M and N (blocks of 2 x 4), K not a multiple of 32,
+# K > 8192 with enough rows to be cut into K blocks (int32 partial sums kept in the output buffer),
+# large M with small N (the threads split M instead of N).
+SHAPES = [(1, 4096, 520), (1, 1, 1), (2, 33, 9), (3, 37, 5), (5, 200, 130), (16, 576, 192),
+          (129, 1000, 33), (600, 300, 6), (64, 10000, 20)]
+
+
+def weight(n, k, seed=1):
+    return quantize_weight(make_weight(n, k, seed=seed))
+
+
+def fused(x, w_int8, w_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
+    out, cols, complete = _native.mixed_linear_f32(
+        x, w_int8, w_absmax, bias, threshold, fp_cols, None if fp_weight is None else fp_weight.float().contiguous()
+    )
+    return out, cols, complete
+
+
+def rounding_bound(x, w_int8, w_absmax, cols, fp_cols=None, fp_weight=None, bias=None):
+    """Float32 rounding of the decomposed sum, its addition and the bias: (C + 3) eps32 * magnitude."""
+    n_found = cols.numel() - (0 if fp_cols is None else fp_cols.numel())
+    w_cols = reference.dequantize_weight_columns(w_int8, w_absmax, cols[:n_found])
+    if fp_cols is not None:
+        w_cols = torch.cat([w_cols, fp_weight.float()], dim=1)
+    ref = reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 0.0)  # size of the int8 part
+    magnitude = ref.abs() + x.abs()[:, cols] @ w_cols.abs().T
+    if bias is not None:
+        magnitude = magnitude + bias.abs()
+    return (cols.numel() + 3) * EPS32 * magnitude
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_no_decomposition_is_bit_identical(m, k, n, with_bias):
+    x = make_input(m, k, seed=m + k)
+    w_int8, w_absmax = weight(n, k)
+    bias = torch.randn(n) if with_bias else None
+    for threshold in (0.0, 100.0):  # off, and on with no column reaching it
+        out, cols, complete = fused(x, w_int8, w_absmax, bias, threshold)
+        assert complete and cols.numel() == 0
+        assert torch.equal(out, reference.int8_mixed_linear(x, w_int8, w_absmax, bias, threshold))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_decomposed_columns_match_reference(m, k, n):
+    x = make_input(m, k, n_outlier_cols=max(1, k // 300), seed=7 * m + k)
+    w_int8, w_absmax = weight(n, k)
+    bias = torch.randn(n)
+    out, cols, complete = fused(x, w_int8, w_absmax, bias, 6.0)
+    want_cols = reference.outlier_columns(x, 6.0)
+    assert complete and torch.equal(cols, want_cols)
+    want = reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 6.0)
+    assert ((out - want).abs() <= rounding_bound(x, w_int8, w_absmax, cols, bias=bias)).all()
+
+
+def test_calibrated_columns_found_columns_and_overlap():
+    m, k, n = 9, 300, 70
+    x = make_input(m, k, n_outlier_cols=5, seed=3)
+    found = reference.outlier_columns(x, 6.0)
+    fp_cols = torch.tensor([found[0].item(), 4, 250])  # one calibrated column is also found at run time
+    w_int8, w_absmax = weight(n, k)
+    fp_weight = torch.randn(n, 3).half()
+    bias = torch.randn(n)
+    out, cols, complete = fused(x, w_int8, w_absmax, bias, 6.0, fp_cols, fp_weight)
+    assert complete
+    assert torch.equal(cols, torch.cat([found[1:], fp_cols]))  # found (not calibrated) first, then fp_cols
+    want = reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 6.0, fp_cols, fp_weight)
+    assert ((out - want).abs() <= rounding_bound(x, w_int8, w_absmax, cols, fp_cols, fp_weight, bias)).all()
+
+
+def test_many_columns_are_left_to_the_caller_and_cpu_kernel_completes_them():
+    m, k, n = 6, 512, 40
+    x = make_input(m, k, seed=11)
+    w_int8, w_absmax = weight(n, k)
+    bias = torch.randn(n)
+    out, cols, complete = fused(x, w_int8, w_absmax, bias, 1.0)  # ~1/3 of the columns reach 1.0
+    assert cols.numel() > _native.MAX_FUSED_COLS and not complete
+    want_int8_part = reference.int8_mixed_linear(x.index_fill(1, cols, 0.0), w_int8, w_absmax, None, 0.0)
+    assert torch.equal(out, want_int8_part)  # no decomposed product, no bias: left to the caller
+    full = cpu.int8_mixed_linear(x, w_int8, w_absmax, bias, 1.0)
+    want = reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 1.0)
+    assert ((full - want).abs() <= rounding_bound(x, w_int8, w_absmax, cols, bias=bias)).all()
+
+
+def test_strided_rows_and_low_precision_inputs():
+    k, n = 100, 12
+    w_int8, w_absmax = weight(n, k)
+    base = make_input(8, 2 * k, n_outlier_cols=2, seed=5)
+    x = base[:, :k]  # rows strided by 2K
+    assert x.stride(0) == 2 * k
+    out, _, _ = fused(x, w_int8, w_absmax, None, 0.0)
+    assert torch.equal(out, reference.int8_mixed_linear(x.contiguous(), w_int8, w_absmax, None, 0.0))
+    for dtype in (torch.float16, torch.bfloat16):
+        xd = make_input(8, k, dtype=dtype, seed=6)
+        assert torch.equal(
+            cpu.int8_mixed_linear(xd, w_int8, w_absmax, None, 0.0),
+            reference.int8_mixed_linear(xd, w_int8, w_absmax, None, 0.0),
+        )
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_zero_nan_and_inf_rows(threshold):
+    k, n = 64, 8
+    x = make_input(5, k, seed=9)
+    x[0] = 0.0
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, 7] = -float("inf")
+    w_int8, w_absmax = weight(n, k)
+    bias = torch.randn(n)
+    out, _, _ = fused(x, w_int8, w_absmax, bias, threshold)
+    want = reference.int8_mixed_linear(x, w_int8, w_absmax, bias, threshold)
+    assert torch.equal(out[0], bias)  # an all-zero row gives exactly the bias
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert torch.allclose(out[finite], want[finite], rtol=1e-5, atol=1e-5)
+    assert finite[4].all()  # the clean row is untouched by the others
+
+
+def test_bad_fp_column_is_an_error_not_a_wild_read():
+    w_int8, w_absmax = weight(4, 16)
+    with pytest.raises(RuntimeError, match="failed with code -1"):
+        fused(torch.randn(2, 16), w_int8, w_absmax, None, 6.0, torch.tensor([16]), torch.zeros(4, 1))
