@@ -10,7 +10,11 @@ Importing it registers the ``llm_int8`` quantization method with transformers, s
 * ``save_pretrained`` writes the int8 ``weight``, float32 ``SCB`` and ``weight_format`` tensors
   (bitsandbytes' keys) and the config, and ``from_pretrained`` on that folder needs no config;
 * accelerate device maps (``"auto"``, explicit maps with ``"cpu"`` and ``"disk"`` entries,
-  ``max_memory``) place int8 layers anywhere: they stay int8 on every device, disk included.
+  ``max_memory``) place int8 layers anywhere: they stay int8 on every device, disk included;
+* once a weight is quantized, the pages of the memory-mapped checkpoint shard it was read from are
+  dropped from the process, and the heap space of the quantization's temporaries is returned
+  (Linux; see :class:`_CheckpointPages` and :mod:`llm_int8._memory`), so a load's peak RSS follows
+  the int8 model, not the float checkpoint.
 
 Models transformers cannot load with a quantization config (GGUF files) are quantized after
 loading with :func:`quantize_model`, which records the config so that ``save_pretrained`` works too.
@@ -20,6 +24,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
+import os
+import struct
 from types import SimpleNamespace
 
 if importlib.util.find_spec("transformers") is None:
@@ -30,7 +37,7 @@ if importlib.util.find_spec("transformers") is None:
 import torch
 from torch import nn
 from safetensors import safe_open
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, dot_natural_key
 from transformers.integrations.accelerate import offload_weight
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -38,6 +45,7 @@ from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .. import _memory
 from .. import functional as F
 from ..convert import Int8Config, QuantizeReport, default_skip_modules, is_convertible, quantize_
 from ..nn import WEIGHT_FORMAT_ROW, Linear8bitLt
@@ -53,6 +61,11 @@ if int(_transformers_version.split(".")[0]) != TESTED_TRANSFORMERS_MAJOR:
         f"llm_int8.integrations.hf works with transformers {TESTED_TRANSFORMERS_MAJOR}.x, found "
         f"{_transformers_version}; install a supported one: pip install 'llm-int8[hf]'"
     )
+
+# Quantize-on-load gives memory back after each weight it quantizes: the weight's pages of the mapped
+# checkpoint (see _CheckpointPages) and the C heap's free pages (llm_int8._memory.trim_heap). False
+# keeps transformers' own behaviour: the pages stay resident as long as the shard stays mapped.
+RELEASE_MEMORY_WHILE_LOADING = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,11 +142,101 @@ class _QuantizeWeightOnLoad(ConversionOps):
             value = value.T  # Conv1D stores its weight [in, out]; Linear8bitLt wants [out, in]
         weight_int8, weight_absmax = F.quantize_weight(value)
         weight_format = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=weight_int8.device)
+        if self.hf_quantizer.checkpoint_pages is not None:
+            # The float weight is consumed: its pages of the mapped checkpoint shard are no longer needed,
+            # nor the heap space of the temporaries its quantization freed.
+            source = kwargs.get("source_patterns")
+            if source is not None and len(source) == 1:
+                self.hf_quantizer.checkpoint_bytes_released += self.hf_quantizer.checkpoint_pages.release_through(source[0])
+            _memory.trim_heap()
         return {
             name: weight_int8,
             f"{module_name}.SCB": weight_absmax,
             f"{module_name}.weight_format": weight_format,
         }
+
+
+class _CheckpointPages:
+    """Gives back the pages of the mapped safetensors shards that held tensors already loaded.
+
+    transformers (5.x) opens every shard with ``safe_open`` (an ``mmap`` of the whole file) before
+    loading and closes them all at the end. It loads the tensors one by one, in the order of
+    :func:`transformers.core_model_loading.dot_natural_key`; each is read from its mapping once,
+    quantized (or cast, or moved to a GPU) and never read again, but the pages it was read from stay
+    resident in the process until the shard is unmapped: after loading, or never while a float
+    parameter (a norm, say) is still a view into it; a float checkpoint's worth of RSS, whatever the
+    int8 model's size. So, each time a weight has been quantized, :meth:`release_through` drops
+    the pages of that weight and of every tensor loaded before it (float ones included: those cast
+    or moved to another device left their pages behind too) with
+    :func:`llm_int8._memory.release_file_range`: madvise ``MADV_DONTNEED`` on clean file pages
+    only, which the page cache keeps. The bytes are located from the shards' headers, not from the
+    tensors, so this works whether transformers handed us a view into the mapping or a copy.
+
+    Dropping a clean page of a file mapping cannot change what anyone reads: a later access faults
+    the same bytes back in. Float parameters that stay views into the mapping (same dtype, on the
+    CPU) therefore remain correct; their pages were not read during loading and come back on first
+    use. Pages written to (copy-on-write, anonymous) are never dropped. Only mappings of the shards
+    that appear after this object is built (those transformers opens to load them) are touched;
+    mappings that existed before, say of another model loaded from the same files, are left alone.
+    """
+
+    def __init__(self, checkpoint_files):
+        self.where: dict[str, tuple[int, str, int, int]] = {}  # key -> (inode, path, begin, end) in the file
+        for file in checkpoint_files:
+            if not str(file).endswith(".safetensors"):
+                continue
+            try:
+                path = os.path.realpath(file)
+                inode = os.stat(path).st_ino
+                header, data_start = _read_safetensors_header(path)
+            except (OSError, ValueError):
+                continue
+            for key, info in header.items():
+                if key != "__metadata__" and isinstance(info, dict) and "data_offsets" in info:
+                    begin, end = info["data_offsets"]
+                    self.where[key] = (inode, path, data_start + begin, data_start + end)
+        self.files = {(inode, path) for inode, path, _, _ in self.where.values()}
+        self.order = sorted(self.where, key=dot_natural_key)  # transformers' loading order
+        self.position = {key: i for i, key in enumerate(self.order)}
+        self.released_up_to = 0  # self.order[:released_up_to] have been released
+        self.preexisting = {(m.start, m.end, m.inode) for m in self._shard_mappings()}
+
+    def _shard_mappings(self):
+        # A mapping shows the file's inode (on overlay file systems, maybe the one underneath) and path.
+        inodes = {inode for inode, _ in self.files}
+        paths = {path for _, path in self.files}
+        return [m for m in _memory.mappings() if m.file_backed and (m.inode in inodes or m.path in paths)]
+
+    def release_through(self, key: str) -> int:
+        """Drop the pages of checkpoint tensor ``key`` and of those loaded before it from this load's
+        shard mappings; returns the bytes dropped."""
+        position = self.position.get(key)
+        if position is None or position < self.released_up_to:
+            return 0
+        keys = self.order[self.released_up_to : position + 1]
+        self.released_up_to = position + 1
+        mappings = [m for m in self._shard_mappings() if (m.start, m.end, m.inode) not in self.preexisting]
+        released = 0
+        for key in keys:
+            inode, path, begin, end = self.where[key]
+            ours = [m for m in mappings if m.inode == inode or m.path == path]
+            released += _memory.release_file_range(ours, begin, end - begin)
+        return released
+
+
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data begins."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > os.path.getsize(path) - 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file")
+    return header, 8 + length
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +248,9 @@ class LLMInt8HfQuantizer(HfQuantizer):
     """Drives ``from_pretrained`` for :class:`LLMInt8Config`; users never build it themselves.
 
     After loading, ``model.hf_quantizer.report`` is the :class:`llm_int8.QuantizeReport` of the
-    conversion (converted and skipped layer names; the byte counts are those of the meta skeleton).
+    conversion (converted and skipped layer names; the byte counts are those of the meta skeleton),
+    and ``model.hf_quantizer.checkpoint_bytes_released`` the bytes of mapped checkpoint pages given
+    back as the weights were quantized (0 where unsupported or disabled).
     """
 
     requires_calibration = False
@@ -156,6 +261,8 @@ class LLMInt8HfQuantizer(HfQuantizer):
         self.transposed_modules: set[str] = set()
         self.report: QuantizeReport | None = None
         self.load_dtype: torch.dtype | None = None
+        self.checkpoint_pages: _CheckpointPages | None = None
+        self.checkpoint_bytes_released = 0
 
     def update_dtype(self, dtype):
         # Weights are cast to this dtype as they stream in, before we quantize them; the disk
@@ -185,7 +292,9 @@ class LLMInt8HfQuantizer(HfQuantizer):
         skip = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
         return sorted(set(skip))
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if RELEASE_MEMORY_WHILE_LOADING and not self.pre_quantized and checkpoint_files and _memory.supported():
+            self.checkpoint_pages = _CheckpointPages(checkpoint_files)
         self.transposed_modules = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
         config = Int8Config(threshold=self.quantization_config.threshold, skip_modules=self.modules_to_not_convert(model))
         self.report = quantize_(model, config)
@@ -197,6 +306,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        self.checkpoint_pages = None  # loading is over: the shards are closed
         # accelerate's offload hook (AlignDevicesHook.post_forward) recognises bitsandbytes' layer by
         # its class name, "Linear8bitLt", which ours shares, and clears ``module.state.SCB`` after
         # each offloaded forward. Our scales are a buffer the hook manages itself; the namespace
