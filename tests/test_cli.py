@@ -98,9 +98,14 @@ def test_plot_weights_unknown_layer_lists_some(tiny, capsys):
 
 def test_calibrate_saves_a_loadable_checkpoint(tiny, tmp_path):
     save, out = tmp_path / "int8.pt", tmp_path / "c.json"
-    assert _run(tiny, "calibrate", "--save", str(save), "--json", str(out)) == 0
+    assert _run(tiny, "calibrate", "--save", str(save), "--json", str(out), "--calib-budget", "5") == 0
     result = json.loads(out.read_text())
-    assert result["plan"]["columns"]["model.layers.0.self_attn.q_proj"] == [5]
+    plan, memory = result["plan"], result["memory_bytes"]
+    for layer in (0, 1):  # the planted dim is worth its bytes in every layer fed the residual stream
+        assert plan["columns"][f"model.layers.{layer}.self_attn.q_proj"] == [5]
+    assert 0 < plan["fp_bytes"] <= 0.05 * plan["int8_bytes"]
+    assert plan["int8_bytes"] == memory["int8"]  # the budget is counted on the real int8 footprint
+    assert memory["int8_calibrated"] == memory["int8"] + plan["fp_bytes"]
     state = torch.load(save)
     assert state["model.layers.0.self_attn.q_proj.fp_cols"].tolist() == [5]
     assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8

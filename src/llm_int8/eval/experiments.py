@@ -15,7 +15,7 @@ from torch import nn
 from .. import functional as F
 from ..convert import Int8Config, memory_footprint, quantize_
 from ..nn import Linear8bitLt
-from .calibrate import CalibrationPlan, calibration_plan, plan_from_tracker, quantize_with_plan
+from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan, quantize_with_plan
 from .data import load_corpus, split_tokens, token_windows
 from .methods import METHODS, bitsandbytes_available, build_method
 from .models import greedy_continuation, load_model, tokenize
@@ -53,8 +53,11 @@ def prepare(model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_
     )
 
 
-def calibrate(work: Workload, progress: ProgressFactory = _no_progress) -> CalibrationPlan:
-    return calibration_plan(work.model, work.calibration, progress=progress("calibration"))
+def calibrate(
+    work: Workload, progress: ProgressFactory = _no_progress, budget: float = MEMORY_BUDGET
+) -> CalibrationPlan:
+    """The 16-bit columns of ``calibrate.calibration_plan`` chosen on the held-out calibration windows."""
+    return calibration_plan(work.model, work.calibration, budget=budget, progress=progress("calibration"))
 
 
 def compare_methods(
@@ -219,7 +222,7 @@ def throughput(
 
 def run_demo(
     model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int,
-    methods: list[str] | None = None, progress: ProgressFactory = _no_progress,
+    methods: list[str] | None = None, progress: ProgressFactory = _no_progress, budget: float = MEMORY_BUDGET,
 ) -> dict:
     """Everything ``llm-int8 demo`` prints, as a dict (see ``cli.py`` for the presentation)."""
     start = time.perf_counter()
@@ -231,10 +234,10 @@ def run_demo(
     work = prepare(model, gguf_file, corpus, n_windows, seq_len)
     loaded = time.perf_counter()
     with InputTracker(work.model) as tracker, torch.inference_mode():
-        for window in progress("calibration + outlier statistics")(list(work.calibration)):
+        for window in progress("outlier statistics")(list(work.calibration)):
             work.model(input_ids=window.unsqueeze(0))
     report = find_outliers(tracker)
-    plan = plan_from_tracker(tracker)
+    plan = calibrate(work, progress, budget)
     results = compare_methods(work, methods, plan, progress)
     rates = throughput(work, ("fp32", "llm_int8_calibrated"), plan)
     generations = {"fp32": greedy_continuation(work.model, work.tokenizer, DEMO_PROMPT)}
@@ -251,6 +254,7 @@ def run_demo(
         "tokens_per_second": rates,
         "outliers": report,
         "calibrated_columns": sum(len(c) for c in plan.columns.values()),
+        "calibration": {"budget": plan.budget, "fp_bytes": plan.fp_bytes, "int8_bytes": plan.int8_bytes},
         "prompt": DEMO_PROMPT,
         "generations": generations,
         "seconds": {"load": loaded - start, "total": time.perf_counter() - start},
