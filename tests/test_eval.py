@@ -419,3 +419,37 @@ def test_smollm2_outlier_dim_and_method_ranking():
     results = compare_methods(work, ["fp32", "absmax_tensor", "llm_int8"])
     fp32, tensor, llm = (results[m].perplexity for m in ("fp32", "absmax_tensor", "llm_int8"))
     assert llm < tensor and abs(llm / fp32 - 1) < 0.1 < tensor / fp32 - 1
+
+
+def test_speed_times_every_model_in_turns_and_asks_for_exactly_the_new_tokens():
+    from llm_int8.eval import speed
+
+    calls = []
+
+    class Fake(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def generate(self, ids, **kwargs):
+            calls.append((self.name, kwargs["max_new_tokens"], kwargs["min_new_tokens"], kwargs["do_sample"]))
+            return torch.cat([ids, torch.zeros(1, kwargs["max_new_tokens"], dtype=ids.dtype)], dim=1)
+
+        def forward(self, input_ids):
+            calls.append((self.name, "forward", input_ids.numel()))
+
+    models = {"a": Fake("a"), "b": Fake("b")}
+    rates = speed.decode_tokens_per_second(models, torch.zeros(1, 3, dtype=torch.int64), new_tokens=5, repeats=2)
+    assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
+    # one warm-up each, then rounds in turns a, b, a, b; always exactly 5 greedy tokens
+    assert [c[0] for c in calls] == ["a", "b", "a", "b", "a", "b"]
+    assert all(c[1:] == (5, 5, False) for c in calls)
+
+    calls.clear()
+    rates = speed.prefill_tokens_per_second(models, torch.zeros(2, 4, dtype=torch.int64), repeats=1)
+    assert [c for c in calls] == [("a", "forward", 8), ("b", "forward", 8)] * 2 and set(rates) == {"a", "b"}
+
+    with pytest.raises(ValueError, match=r"\[1, T\]"):
+        speed.decode_tokens_per_second(models, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="new_tokens"):
+        speed.decode_tokens_per_second(models, torch.zeros(1, 3, dtype=torch.int64), new_tokens=0)

@@ -290,13 +290,15 @@ def mixed_linear_f32(
     columns), out holds only the int8 part and the caller must add ``x[:, cols] @ w_cols.T`` and the
     bias. Same codes and int32 sums as the eager path; see ``csrc/int8_gemm_avx2.c``.
     """
-    _load()
     fn = _state["mixed"]
     if fn is None:
-        raise RuntimeError(f"native int8 kernels unavailable: {_state['reason']}")
-    x_, ldx = _rows_operand(x)
-    w_, ldw = _rows_operand(weight_int8)
+        _load()
+        fn = _state["mixed"]
+        if fn is None:
+            raise RuntimeError(f"native int8 kernels unavailable: {_state['reason']}")
     (m, k), n = x.shape, weight_int8.shape[0]
+    x_, ldx = (x, k) if x.is_contiguous() else _rows_operand(x)
+    w_, ldw = (weight_int8, k) if weight_int8.is_contiguous() else _rows_operand(weight_int8)
     nfp = 0 if fp_cols is None else fp_cols.numel()
     out = torch.empty((m, n), dtype=torch.float32)
     cols = torch.empty(k + nfp, dtype=torch.int64)

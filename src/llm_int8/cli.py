@@ -101,9 +101,11 @@ def cmd_demo(args, progress):
     print(_ppl_table(result["perplexity"], result["labels"]))
     print(f"bitsandbytes row: {result['bitsandbytes_mode']}")
     tps = result["tokens_per_second"]
-    print(f"\nprefill tokens/s on this CPU ({result['seq_len']}-token window, fp32 and int8 timed in turns, median of 5):")
-    base = tps["fp32"]
-    print(_table(["method", "tokens/s", "vs fp32"], [[k, f"{v:.0f}", f"{v / base:.2f}x"] for k, v in tps.items()]))
+    print("\ntokens/s on this CPU (fp32 and int8 timed in turns, median of 5):")
+    print("  decode  = generate() of 32 new tokens after the prompt below (weight bytes per token matter)")
+    print(f"  prefill = one forward over a {result['seq_len']}-token window (arithmetic matters)")
+    rows = [[regime, name, f"{v:.1f}", f"{v / rates['fp32']:.2f}x"] for regime, rates in tps.items() for name, v in rates.items()]
+    print(_table(["regime", "method", "tokens/s", "vs fp32"], rows))
     print("\n" + _outlier_text(result["outliers"]))
     cal = result["calibration"]
     print(f"calibrated 16-bit columns stored: {result['calibrated_columns']} over all layers, {cal['fp_bytes'] / MiB:.2f} MiB "

@@ -78,16 +78,18 @@ def _native_mixed_ok(x, weight_int8) -> bool:
 
 
 def _float32(t):
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype is torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
     if _native_mixed_ok(x, weight_int8):
         # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
-        xf = x.float()
+        xf = x if x.dtype is torch.float32 else x.float()
         out, cols, complete = _native.mixed_linear_f32(
             xf, weight_int8, _float32(weight_absmax), _float32(bias), float(threshold),
-            None if fp_cols is None else fp_cols.contiguous(), _float32(fp_weight),
+            fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(), _float32(fp_weight),
         )
         if not complete:  # many decomposed columns (a low threshold): their product in one GEMM
             n_found = cols.numel() - (0 if fp_cols is None else fp_cols.numel())
@@ -97,7 +99,7 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
             out.addmm_(xf[:, cols], w_cols.T)
             if bias is not None:
                 out.add_(bias.float())
-        return out.to(x.dtype)
+        return out if x.dtype is torch.float32 else out.to(x.dtype)
     xf = x.float()
     cols, w_cols = decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_weight)
     has_cols = cols.numel() > 0

@@ -125,12 +125,15 @@ class Linear8bitLt(nn.Module):
         return self.SCB
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = F.direct_mixed_kernel(x, self.weight, self.bias)
+        params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ is slow per layer call)
+        weight, bias = params["weight"], params.get("bias")
+        kernel = F.direct_mixed_kernel(x, weight, bias)
         if kernel is not None and x.dim() > 0 and x.shape[-1] == self.in_features:
             # eager inference on plain tensors: the device kernel itself, without the dispatcher
             # round trip or the argument checks (the module's own state was checked when set)
-            out = kernel(F._as_rows(x), self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
-            return out.reshape(*x.shape[:-1], self.out_features)
+            x2 = x if x.dim() == 2 else F._as_rows(x)
+            out = kernel(x2, weight, buffers["SCB"], bias, self.threshold, buffers["fp_cols"], buffers["fp_weight"])
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
         return F.int8_mixed_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

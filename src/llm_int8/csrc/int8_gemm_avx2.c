@@ -122,6 +122,9 @@ EXPORT int llm_int8_max_k(void) { return LLM_INT8_MAX_K; }
 #ifndef PF_STEPS
 #define PF_STEPS 8 /* 32-byte steps of the 2 x 4 loop per prefetch chunk (4 lines per row) */
 #endif
+#ifndef PF_PANELS
+#define PF_PANELS 1 /* prefetch the B panel this many panels ahead */
+#endif
 #ifndef MC_MAX
 #define MC_MAX 128
 #endif
@@ -405,7 +408,8 @@ static void gemm_serial(const gemm_args *g)
                 for (int64_t i = i0; i < i0 + mb; i += mr) {
                     const int m = (i0 + mb - i) < mr ? (int)(i0 + mb - i) : mr;
                     /* the first row group of a B panel prefetches the next full panel */
-                    const int8_t *pf = (i == i0 && j + 2 * nr <= N) ? Bj + nr * g->ldb : NULL;
+                    const int8_t *pf = (i == i0 && j + (PF_PANELS + 1) * nr <= N)
+                                           ? Bj + PF_PANELS * nr * g->ldb : NULL;
                     UKERNELS[m - 1][nb - 1](g->A + i * g->lda + k0, g->lda, Bj, g->ldb, kb,
                                             g->C + i * g->ldc + j, g->ldc, accumulate, pf);
                     if (g->epi && k0 + kb == K)
@@ -456,6 +460,12 @@ static void gemm_worker(gemm_shared *sh)
 #define CHUNKS_PER_THREAD 8
 /* Below this many multiply-adds, starting threads costs more than it saves. */
 #define MIN_MACS_PER_THREAD (1 << 20)
+/* A few rows of A (decoding) are bound by streaming B from memory, not by arithmetic: there a
+ * thread pays off from this many bytes of B on. */
+#ifndef MIN_B_BYTES_PER_THREAD
+#define MIN_B_BYTES_PER_THREAD (96 * 1024)
+#endif
+#define FEW_ROWS 4
 
 /*
  * C = A @ B^T, exact, for codes in [-127, 127] and K <= LLM_INT8_MAX_K.
@@ -487,7 +497,10 @@ static void gemm_run(const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
     int64_t nt = nthreads < 1 ? 1 : nthreads;
     if (nt > MAX_THREADS) nt = MAX_THREADS;
     const double macs = (double)M * (double)N * (double)(K > 0 ? K : 1);
-    while (nt > 1 && macs / (double)nt < (double)MIN_MACS_PER_THREAD) nt--;
+    if (M <= FEW_ROWS)
+        while (nt > 1 && (double)N * (double)K / (double)nt < (double)MIN_B_BYTES_PER_THREAD) nt--;
+    else
+        while (nt > 1 && macs / (double)nt < (double)MIN_MACS_PER_THREAD) nt--;
 
     int split_n = 1;
     if (nt > 1) {

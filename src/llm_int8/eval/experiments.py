@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -19,12 +18,14 @@ from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan, quantiz
 from .data import load_corpus, split_tokens, token_windows
 from .methods import METHODS, bitsandbytes_available, build_method
 from .models import greedy_continuation, load_model, tokenize
+from .speed import decode_tokens_per_second, prefill_tokens_per_second
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
 from .perplexity import PerplexityResult, perplexity
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
 SWEEP_ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
 DEMO_PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+DECODE_TOKENS = 32  # new tokens per timed generate() in the decode throughput
 DEMO_METHODS = ["fp32", "bf16", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
 CALIBRATION_WINDOWS = 2
 
@@ -199,25 +200,26 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def throughput(
-    work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5
-) -> dict[str, float]:
-    """Prefill tokens/s of each method on the first evaluation window (re-runnable benchmark).
+    work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5,
+    new_tokens: int = DECODE_TOKENS, models: dict | None = None,
+) -> dict[str, dict[str, float]]:
+    """Tokens/s of each method, fp32 and int8 timed in turns, medians (see :mod:`.speed`).
 
-    The methods are timed in turns (A, B, A, B, ...) after one warm-up each, and the median is
-    taken, so a machine whose load changes during the run biases no method.
+    ``decode``: greedy ``generate`` of ``new_tokens`` tokens after the demo prompt (what a user of
+    ``generate()`` sees; memory-bound, where int8 reads a quarter of fp32's weight bytes).
+    ``prefill``: one forward over the first evaluation window (compute-bound).
+    ``models``, if given, maps method names to already built models.
     """
-    ids = work.windows[:1]
-    models = {name: build_method(work.model, name, {"calibration": plan}) for name in methods}
-    times = {name: [] for name in methods}
-    with torch.inference_mode():
-        for model in models.values():
-            model(input_ids=ids)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(input_ids=ids)
-                times[name].append(time.perf_counter() - start)
-    return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
+    models = dict(models or {})
+    for name in methods:
+        if name not in models:
+            models[name] = build_method(work.model, name, {"calibration": plan})
+    models = {name: models[name] for name in methods}
+    prompt = tokenize(work.tokenizer, DEMO_PROMPT).unsqueeze(0)
+    return {
+        "decode": decode_tokens_per_second(models, prompt, new_tokens, repeats, work.tokenizer.eos_token_id),
+        "prefill": prefill_tokens_per_second(models, work.windows[:1], repeats),
+    }
 
 
 def run_demo(
@@ -239,9 +241,9 @@ def run_demo(
     report = find_outliers(tracker)
     plan = calibrate(work, progress, budget)
     results = compare_methods(work, methods, plan, progress)
-    rates = throughput(work, ("fp32", "llm_int8_calibrated"), plan)
-    generations = {"fp32": greedy_continuation(work.model, work.tokenizer, DEMO_PROMPT)}
     int8_model = build_method(work.model, "llm_int8_calibrated", {"calibration": plan})
+    rates = throughput(work, ("fp32", "llm_int8_calibrated"), plan, models={"fp32": work.model, "llm_int8_calibrated": int8_model})
+    generations = {"fp32": greedy_continuation(work.model, work.tokenizer, DEMO_PROMPT)}
     generations["int8"] = greedy_continuation(int8_model, work.tokenizer, DEMO_PROMPT)
     return {
         "n_windows": int(work.windows.shape[0]),

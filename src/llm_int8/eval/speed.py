@@ -1,0 +1,69 @@
+"""Tokens per second of several models on this machine, measured side by side.
+
+Two regimes, because they are bound by different things:
+
+* **decode** (``generate``, one new token per forward, KV cache): every layer's weight is read once
+  per token, so the time follows the bytes of the weights (int8 reads a quarter of fp32's) plus the
+  fixed cost of each op;
+* **prefill** (one forward over a whole window): a few large matrix products, bound by arithmetic,
+  where int8 gains at most the ratio of the CPU's int8 to float32 multiply-add rate.
+
+Models are timed in turns (A, B, A, B, ...) after a warm-up each, and the median per model is
+reported, so a machine whose load changes during the run favours no model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+def _timed_rounds(calls: Mapping[str, callable], repeats: int) -> dict[str, list[float]]:
+    times = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up: first-call allocations, lazy kernel builds
+        fn()
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@torch.inference_mode()
+def decode_tokens_per_second(
+    models: Mapping[str, nn.Module], prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 5,
+    pad_token_id: int | None = None,
+) -> dict[str, float]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``prompt_ids`` (int64 [1, T]).
+
+    Returns new tokens per second (the prompt's prefill included in the time, as a user sees it).
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must be int64 [1, T], got shape {tuple(prompt_ids.shape)}")
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError(f"new_tokens and repeats must be >= 1, got {new_tokens} and {repeats}")
+
+    def call(model):
+        return lambda: model.generate(
+            prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+        )
+
+    times = _timed_rounds({name: call(m) for name, m in models.items()}, repeats)
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def prefill_tokens_per_second(
+    models: Mapping[str, nn.Module], ids: torch.Tensor, repeats: int = 5
+) -> dict[str, float]:
+    """One forward over ``ids`` (int64 [B, T]); returns tokens (B * T) per second."""
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"ids must be a non-empty int64 [B, T], got shape {tuple(ids.shape)}")
+    times = _timed_rounds({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}, repeats)
+    return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
