@@ -32,9 +32,7 @@ def weight(n, k, seed=1):
 
 
 def fused(x, w_int8, w_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
-    out, cols, complete = _native.mixed_linear_f32(
-        x, w_int8, w_absmax, bias, threshold, fp_cols, None if fp_weight is None else fp_weight.float().contiguous()
-    )
+    out, cols, complete = _native.mixed_linear_f32(x, w_int8, w_absmax, bias, threshold, fp_cols, fp_weight)
     return out, cols, complete
 
 
@@ -75,13 +73,15 @@ def test_decomposed_columns_match_reference(m, k, n):
     assert ((out - want).abs() <= rounding_bound(x, w_int8, w_absmax, cols, bias=bias)).all()
 
 
-def test_calibrated_columns_found_columns_and_overlap():
+@pytest.mark.parametrize("fp_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_calibrated_columns_found_columns_and_overlap(fp_dtype):
     m, k, n = 9, 300, 70
     x = make_input(m, k, n_outlier_cols=5, seed=3)
     found = reference.outlier_columns(x, 6.0)
     fp_cols = torch.tensor([found[0].item(), 4, 250])  # one calibrated column is also found at run time
     w_int8, w_absmax = weight(n, k)
-    fp_weight = torch.randn(n, 3).half()
+    fp_weight = torch.randn(n, 3).to(fp_dtype)
+    fp_weight[0, :] = torch.tensor([6.0e-8, -1.0e-5, 65504.0]).to(fp_dtype)  # fp16 subnormals and max
     bias = torch.randn(n)
     out, cols, complete = fused(x, w_int8, w_absmax, bias, 6.0, fp_cols, fp_weight)
     assert complete
@@ -143,3 +143,16 @@ def test_bad_fp_column_is_an_error_not_a_wild_read():
     w_int8, w_absmax = weight(4, 16)
     with pytest.raises(RuntimeError, match="failed with code -1"):
         fused(torch.randn(2, 16), w_int8, w_absmax, None, 6.0, torch.tensor([16]), torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("fp_dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_weight_value_is_read_exactly(fp_dtype):
+    # x = [1], one calibrated column, int8 part all zero: out[0, n] is the stored value itself
+    fp_weight = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(fp_dtype).reshape(-1, 1)
+    n = fp_weight.shape[0]
+    out, _, complete = fused(torch.ones(1, 1), torch.zeros(n, 1, dtype=torch.int8), torch.ones(n), None, 0.0,
+                             torch.tensor([0]), fp_weight)
+    want = fp_weight.float().reshape(1, -1)
+    assert complete
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()], want[~want.isnan()])

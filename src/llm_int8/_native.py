@@ -41,6 +41,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_gemm_avx2.c"
 _CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden"]
 _SYMBOL = "llm_int8_gemm_nt_s8s8s32"
 _MIXED_SYMBOL = "llm_int8_mixed_linear_f32"
+_FP_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: Most decomposed columns the fused epilogue multiplies itself; with more, the caller does.
 MAX_FUSED_COLS = 64
 
@@ -161,7 +162,7 @@ def _try_load():
     mixed.argtypes = [
         p, i64, i64, i64,  # x, ldx, M, K
         p, i64, i64, p, p, ctypes.c_float,  # W, ldw, N, scb, bias, threshold
-        p, i64, p,  # fp_cols, nfp, fpw
+        p, i64, p, c_int,  # fp_cols, nfp, fpw, fpw dtype
         p, i64, p, p, c_int, c_int,  # out, ldo, cols_out, ncols_out, max_cols, threads
     ]
     mixed.restype = ctypes.c_int
@@ -282,8 +283,8 @@ def mixed_linear_f32(
     """The LLM.int8() forward in one native call: quantization, int8 GEMM and dequantization fused.
 
     x float32 [M, K] (rows may be strided, K contiguous); weight_int8 [N, K]; weight_absmax float32
-    [N]; bias float32 [N] or None; fp_cols int64 [F] with fp_weight float32 [N, F] contiguous, or
-    None. M, N, K > 0 and K <= MAX_K (the caller handles the empty cases).
+    [N]; bias float32 [N] or None; fp_cols int64 [F] with fp_weight [N, F] contiguous (float32,
+    float16 or bfloat16, read as is), or None. M, N, K > 0 and K <= MAX_K (the caller handles the empty cases).
 
     Returns ``(out, cols, complete)``: out float32 [M, N]; cols the decomposed columns (those found
     at run time, ascending, then fp_cols). When ``complete`` is False (more than MAX_FUSED_COLS
@@ -307,6 +308,7 @@ def mixed_linear_f32(
         x_.data_ptr(), ldx, m, k,
         w_.data_ptr(), ldw, n, weight_absmax.data_ptr(), None if bias is None else bias.data_ptr(), threshold,
         None if not nfp else fp_cols.data_ptr(), nfp, None if not nfp else fp_weight.data_ptr(),
+        0 if not nfp else _FP_DTYPE_CODES[fp_weight.dtype],
         out.data_ptr(), n, cols.data_ptr(), ctypes.byref(ncols), MAX_FUSED_COLS, max(1, torch.get_num_threads()),
     )
     if rc < 0:

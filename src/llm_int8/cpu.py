@@ -83,13 +83,20 @@ def _float32(t):
     return t.to(torch.float32).contiguous()
 
 
+def _fp_weight(t):
+    """The stored float columns as the native kernel reads them: float32/16 or bfloat16, contiguous."""
+    if t is None or (t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
 def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
     if _native_mixed_ok(x, weight_int8):
         # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
         xf = x if x.dtype is torch.float32 else x.float()
         out, cols, complete = _native.mixed_linear_f32(
             xf, weight_int8, _float32(weight_absmax), _float32(bias), float(threshold),
-            fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(), _float32(fp_weight),
+            fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(), _fp_weight(fp_weight),
         )
         if not complete:  # many decomposed columns (a low threshold): their product in one GEMM
             n_found = cols.numel() - (0 if fp_cols is None else fp_cols.numel())

@@ -325,7 +325,8 @@ typedef struct {
     const float *xc;       /* [M, ncols] x at those columns */
     const int8_t *W;       /* [N, ldw] the int8 weight */
     int64_t ldw;
-    const float *fpw;      /* [N, ncols - n_int8] float weight columns */
+    const void *fpw;       /* [N, ncols - n_int8] float weight columns, of type fpw_dtype */
+    int fpw_dtype;         /* FP_F32, FP_F16 or FP_BF16 */
 } epilogue;
 
 typedef struct {
@@ -338,7 +339,41 @@ typedef struct {
     int64_t row0, col0;    /* global index of this sub-problem's first row / column */
 } gemm_args;
 
-#define EPI_MAX_COLS 64 /* most decomposed columns the epilogue handles; more go to the caller */
+#define EPI_MAX_COLS 64
+enum { FP_F32 = 0, FP_F16 = 1, FP_BF16 = 2 };
+
+/* IEEE half -> float, exact (every half is a float), in plain C. */
+static float half_to_float(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0 && mant == 0) {
+        bits = sign;
+    } else if (exp == 0) { /* subnormal: mant * 2^-24 */
+        const float f = (float)mant * 5.9604644775390625e-08f;
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13); /* Inf, NaN */
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static float load_float(const void *p, int dtype, int64_t i)
+{
+    if (dtype == FP_F16) return half_to_float(((const uint16_t *)p)[i]);
+    if (dtype == FP_BF16) {
+        const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    return ((const float *)p)[i];
+} /* most decomposed columns the epilogue handles; more go to the caller */
 
 /* Apply the epilogue to the finished m x nb tile at C (global row gi, column gj); C holds int32 sums
  * and becomes float32 in place. */
@@ -351,7 +386,7 @@ static void apply_epilogue(const epilogue *e, int32_t *C, int64_t ldc, int64_t g
         for (int j = 0; j < nb; j++) {
             const int64_t n = gj + j;
             wc[c][j] = c < e->n_int8 ? (float)e->W[n * e->ldw + e->cols[c]] * e->sw[n]
-                                     : e->fpw[n * (nc - e->n_int8) + (c - e->n_int8)];
+                                     : load_float(e->fpw, e->fpw_dtype, n * (nc - e->n_int8) + (c - e->n_int8));
         }
     }
     for (int i = 0; i < m; i++) {
@@ -633,7 +668,7 @@ static float quantize_row(const float *src, int64_t K, int8_t *codes)
  * out [M, N] (float32, row stride ldo) = LLM.int8() forward of x [M, K] (float32, row stride ldx)
  * with the int8 weight W [N, K] (row stride ldw), its row absmax scb [N], optional bias [N], run-time
  * threshold (<= 0: none) and nfp calibrated columns fp_cols [nfp] with float weight columns
- * fpw [N, nfp] (row-major).  cols_out (capacity K + nfp) receives the decomposed columns, found ones
+ * fpw [N, nfp] (row-major, float32 / float16 / bfloat16 as fpw_dtype says: 0 / 1 / 2).  cols_out (capacity K + nfp) receives the decomposed columns, found ones
  * (ascending, those not in fp_cols) first, then fp_cols; *ncols_out their number.
  *
  * Returns 0 when out is complete; 1 when more than max_cols (<= EPI_MAX_COLS) columns were
@@ -643,11 +678,12 @@ static float quantize_row(const float *src, int64_t K, int8_t *codes)
 EXPORT int llm_int8_mixed_linear_f32(
     const float *x, int64_t ldx, int64_t M, int64_t K,
     const int8_t *W, int64_t ldw, int64_t N, const float *scb, const float *bias, float threshold,
-    const int64_t *fp_cols, int64_t nfp, const float *fpw,
+    const int64_t *fp_cols, int64_t nfp, const void *fpw, int fpw_dtype,
     float *out, int64_t ldo, int64_t *cols_out, int64_t *ncols_out, int max_cols, int nthreads)
 {
     if (M <= 0 || N <= 0 || K <= 0 || nfp < 0 || ldx < K || ldw < K || ldo < N) return -1;
     if (!x || !W || !scb || !out || !cols_out || !ncols_out || (nfp && (!fp_cols || !fpw))) return -1;
+    if (fpw_dtype != FP_F32 && fpw_dtype != FP_F16 && fpw_dtype != FP_BF16) return -1;
     if (K > LLM_INT8_MAX_K) return -2;
     if (!llm_int8_cpu_has_avx2()) return -3;
     if (max_cols > EPI_MAX_COLS) max_cols = EPI_MAX_COLS;
@@ -719,7 +755,7 @@ EXPORT int llm_int8_mixed_linear_f32(
     for (int64_t n = 0; n < N; n++) sw[n] = scb[n] / 127.0f;
 
     /* 3. GEMM + epilogue */
-    const epilogue e = {sx, sw, fused ? bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw, fpw};
+    const epilogue e = {sx, sw, fused ? bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw, fpw, fpw_dtype};
     gemm_run(codes, K, W, ldw, (int32_t *)out, ldo, M, N, K, nthreads, &e);
     rc = fused ? 0 : 1;
 
