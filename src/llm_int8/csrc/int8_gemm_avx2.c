@@ -314,7 +314,7 @@ static const ukernel_fn UKERNELS[BLOCK_M][BLOCK_N] = {
  *
  * (the same float32 operations, in the same order, as the eager torch path), where the decomposed
  * columns c < n_int8 multiply the dequantized int8 weight column, wc[j, c] = (float)W[j, col_c] * sw[j],
- * and the others the stored float columns fpw[j, c - n_int8]. */
+ * and the others the stored float columns (fpT[c - n_int8, j], converted once per call). */
 typedef struct {
     const float *sx;       /* [M] x_absmax / 127 */
     const float *sw;       /* [N] w_absmax / 127 */
@@ -325,8 +325,8 @@ typedef struct {
     const float *xc;       /* [M, ncols] x at those columns */
     const int8_t *W;       /* [N, ldw] the int8 weight */
     int64_t ldw;
-    const void *fpw;       /* [N, ncols - n_int8] float weight columns, of type fpw_dtype */
-    int fpw_dtype;         /* FP_F32, FP_F16 or FP_BF16 */
+    const float *fpT;      /* [ncols - n_int8, N] the stored float weight columns, as float32 */
+    int64_t N;
 } epilogue;
 
 typedef struct {
@@ -386,7 +386,7 @@ static void apply_epilogue(const epilogue *e, int32_t *C, int64_t ldc, int64_t g
         for (int j = 0; j < nb; j++) {
             const int64_t n = gj + j;
             wc[c][j] = c < e->n_int8 ? (float)e->W[n * e->ldw + e->cols[c]] * e->sw[n]
-                                     : load_float(e->fpw, e->fpw_dtype, n * (nc - e->n_int8) + (c - e->n_int8));
+                                     : e->fpT[(c - e->n_int8) * e->N + n];
         }
     }
     for (int i = 0; i < m; i++) {
@@ -394,6 +394,20 @@ static void apply_epilogue(const epilogue *e, int32_t *C, int64_t ldc, int64_t g
         const float *xc = e->xc + (gi + i) * nc;
         int32_t *ci = C + i * ldc;
         float *oi = (float *)ci;
+        if (nb == 4) { /* the same operations as below, four outputs at a time (no FMA contraction) */
+            __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)ci)),
+                                             _mm_set1_ps(sx)),
+                                  _mm_loadu_ps(e->sw + gj));
+            if (nc) {
+                __m128 dot = _mm_setzero_ps();
+                for (int64_t c = 0; c < nc; c++)
+                    dot = _mm_add_ps(dot, _mm_mul_ps(_mm_set1_ps(xc[c]), _mm_loadu_ps(wc[c])));
+                v = _mm_add_ps(v, dot);
+            }
+            if (e->bias) v = _mm_add_ps(v, _mm_loadu_ps(e->bias + gj));
+            _mm_storeu_ps(oi, v);
+            continue;
+        }
         for (int j = 0; j < nb; j++) {
             int32_t a;
             memcpy(&a, ci + j, sizeof a);
@@ -692,7 +706,7 @@ EXPORT int llm_int8_mixed_linear_f32(
 
     int rc = -4;
     int8_t *codes = NULL;
-    float *sx = NULL, *sw = NULL, *xc = NULL, *cmax = NULL, *tmp = NULL;
+    float *sx = NULL, *sw = NULL, *xc = NULL, *cmax = NULL, *tmp = NULL, *fpT = NULL;
     uint8_t *is_fp = NULL;
     codes = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
     sx = malloc((size_t)M * sizeof(float));
@@ -754,8 +768,16 @@ EXPORT int llm_int8_mixed_linear_f32(
     }
     for (int64_t n = 0; n < N; n++) sw[n] = scb[n] / 127.0f;
 
+    /* the stored float columns, transposed to [nfp, N] float32 once (the tiles read 4 outputs at a time) */
+    if (fused && nfp) {
+        fpT = malloc((size_t)nfp * (size_t)N * sizeof(float));
+        if (!fpT) goto done;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t f = 0; f < nfp; f++) fpT[f * N + n] = load_float(fpw, fpw_dtype, n * nfp + f);
+    }
+
     /* 3. GEMM + epilogue */
-    const epilogue e = {sx, sw, fused ? bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw, fpw, fpw_dtype};
+    const epilogue e = {sx, sw, fused ? bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw, fpT, N};
     gemm_run(codes, K, W, ldw, (int32_t *)out, ldo, M, N, K, nthreads, &e);
     rc = fused ? 0 : 1;
 
@@ -767,6 +789,7 @@ done:
     free(cmax);
     free(tmp);
     free(is_fp);
+    free(fpT);
     return rc;
 }
 
