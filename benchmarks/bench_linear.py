@@ -13,13 +13,13 @@ import argparse
 import logging
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import llm_int8
 from llm_int8 import cpu
+from llm_int8.eval.speed import timed_rounds
 from llm_int8.functional import quantize_weight
 
 OUTLIER_SHARE = 0.001
@@ -73,15 +73,8 @@ def bench_shape(m, k, n, repeats, with_bnb):
     if with_bnb:
         theirs = bnb_layer(linear)
         impls["bnb"] = lambda: theirs(x)
-    times = {name: [] for name in impls}
     with torch.inference_mode():
-        for fn in impls.values():  # warm-up
-            fn()
-        for _ in range(repeats):
-            for name, fn in impls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = timed_rounds(impls, repeats)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -190,6 +190,8 @@ def library_path() -> str | None:
 def _rows_operand(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A tensor whose rows are K-contiguous, and its row stride (copies only if needed)."""
     rows, k = t.shape
+    if t.is_contiguous():
+        return t, max(k, 1)
     if k > 1 and t.stride(1) != 1:
         t = t.contiguous()
     if rows <= 1:
@@ -298,8 +300,8 @@ def mixed_linear_f32(
         if fn is None:
             raise RuntimeError(f"native int8 kernels unavailable: {_state['reason']}")
     (m, k), n = x.shape, weight_int8.shape[0]
-    x_, ldx = (x, k) if x.is_contiguous() else _rows_operand(x)
-    w_, ldw = (weight_int8, k) if weight_int8.is_contiguous() else _rows_operand(weight_int8)
+    x_, ldx = _rows_operand(x)
+    w_, ldw = _rows_operand(weight_int8)
     nfp = 0 if fp_cols is None else fp_cols.numel()
     out = torch.empty((m, n), dtype=torch.float32)
     cols = torch.empty(k + nfp, dtype=torch.int64)

@@ -19,7 +19,7 @@ import torch
 
 from . import _native
 from ._ops import INT8_MAX, register_kernel
-from .reference import decomposed_columns, dequantize_weight_columns, quantize_rows, row_absmax
+from .reference import decomposed_columns, decomposed_weight, quantize_rows, row_absmax
 from .reference import int8_vectorwise_quant as _reference_vectorwise_quant
 
 # 1040 * 127**2 < 2**24: the largest K-chunk whose float32 dot products of int8 codes are exact.
@@ -77,15 +77,13 @@ def _native_mixed_ok(x, weight_int8) -> bool:
     return m > 0 and k > 0 and weight_int8.shape[0] > 0 and k <= _native.MAX_K and _native.available()
 
 
-def _float32(t):
-    if t is None or (t.dtype is torch.float32 and t.is_contiguous()):
-        return t
-    return t.to(torch.float32).contiguous()
+_F32 = (torch.float32,)
+_F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _fp_weight(t):
-    """The stored float columns as the native kernel reads them: float32/16 or bfloat16, contiguous."""
-    if t is None or (t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.is_contiguous()):
+def _native_operand(t, dtypes=_F32):
+    """t as the native kernel reads it: contiguous, in one of ``dtypes`` (else float32); None stays None."""
+    if t is None or (t.dtype in dtypes and t.is_contiguous()):
         return t
     return t.to(torch.float32).contiguous()
 
@@ -95,14 +93,13 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
         # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
         xf = x if x.dtype is torch.float32 else x.float()
         out, cols, complete = _native.mixed_linear_f32(
-            xf, weight_int8, _float32(weight_absmax), _float32(bias), float(threshold),
-            fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(), _fp_weight(fp_weight),
+            xf, weight_int8, _native_operand(weight_absmax), _native_operand(bias), float(threshold),
+            fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(),
+            _native_operand(fp_weight, _F32_F16_BF16),
         )
         if not complete:  # many decomposed columns (a low threshold): their product in one GEMM
             n_found = cols.numel() - (0 if fp_cols is None else fp_cols.numel())
-            w_cols = dequantize_weight_columns(weight_int8, weight_absmax, cols[:n_found])
-            if fp_cols is not None:
-                w_cols = torch.cat([w_cols, fp_weight.float()], dim=1)
+            w_cols = decomposed_weight(weight_int8, weight_absmax, cols[:n_found], fp_weight)
             out.addmm_(xf[:, cols], w_cols.T)
             if bias is not None:
                 out.add_(bias.float())

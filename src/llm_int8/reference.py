@@ -90,11 +90,15 @@ def decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_we
     else:
         found = torch.empty(0, dtype=torch.int64, device=xf.device)
     if fp_cols is None or fp_cols.numel() == 0:
-        return found, dequantize_weight_columns(weight_int8, weight_absmax, found)
+        return found, decomposed_weight(weight_int8, weight_absmax, found, None)
     found = found[~torch.isin(found, fp_cols)]
-    cols = torch.cat([found, fp_cols])
-    w_cols = torch.cat([dequantize_weight_columns(weight_int8, weight_absmax, found), fp_weight.float()], dim=1)
-    return cols, w_cols
+    return torch.cat([found, fp_cols]), decomposed_weight(weight_int8, weight_absmax, found, fp_weight)
+
+
+def decomposed_weight(weight_int8, weight_absmax, found, fp_weight):
+    """float32 [N, len(found) + F]: the dequantized int8 columns ``found``, then ``fp_weight`` [N, F] (or none)."""
+    w_cols = dequantize_weight_columns(weight_int8, weight_absmax, found)
+    return w_cols if fp_weight is None else torch.cat([w_cols, fp_weight.float()], dim=1)
 
 
 def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):

@@ -735,11 +735,7 @@ EXPORT int llm_int8_mixed_linear_f32(
             if (cmax[c] >= threshold && !is_fp[c]) cols_out[nc++] = c;
     }
     const int64_t n_int8 = nc;
-    for (int64_t f = 0; f < nfp; f++) {
-        cols_out[nc++] = fp_cols[f];
-        is_fp[fp_cols[f]] = 1;
-    }
-    for (int64_t c = 0; c < n_int8; c++) is_fp[cols_out[c]] = 1; /* now: "decomposed" */
+    for (int64_t f = 0; f < nfp; f++) cols_out[nc++] = fp_cols[f];
     *ncols_out = nc;
     const int fused = nc <= max_cols;
 

@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .speed import prefill_tokens_per_second
+
 Progress = Callable[[Iterable], Iterable]
 
 
@@ -72,13 +74,4 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: Progress | Non
 @torch.inference_mode()
 def tokens_per_second(model: nn.Module, input_ids: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
     """Prefill throughput: input_ids.numel() / median wall time of one forward, after ``warmup`` runs."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        model(input_ids=input_ids)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=input_ids)
-        times.append(time.perf_counter() - start)
-    return input_ids.numel() / statistics.median(times)
+    return prefill_tokens_per_second({"model": model}, input_ids, repeats, warmup)["model"]

@@ -22,10 +22,15 @@ import torch
 from torch import nn
 
 
-def _timed_rounds(calls: Mapping[str, callable], repeats: int) -> dict[str, list[float]]:
+def timed_rounds(calls: Mapping[str, callable], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of ``repeats`` rounds, each calling every function once in turn, after ``warmup``
+    untimed rounds (first-call allocations, lazy kernel builds)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     times = {name: [] for name in calls}
-    for fn in calls.values():  # warm-up: first-call allocations, lazy kernel builds
-        fn()
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
     for _ in range(repeats):
         for name, fn in calls.items():
             start = time.perf_counter()
@@ -54,16 +59,16 @@ def decode_tokens_per_second(
             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
         )
 
-    times = _timed_rounds({name: call(m) for name, m in models.items()}, repeats)
+    times = timed_rounds({name: call(m) for name, m in models.items()}, repeats)
     return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
 def prefill_tokens_per_second(
-    models: Mapping[str, nn.Module], ids: torch.Tensor, repeats: int = 5
+    models: Mapping[str, nn.Module], ids: torch.Tensor, repeats: int = 5, warmup: int = 1
 ) -> dict[str, float]:
     """One forward over ``ids`` (int64 [B, T]); returns tokens (B * T) per second."""
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"ids must be a non-empty int64 [B, T], got shape {tuple(ids.shape)}")
-    times = _timed_rounds({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}, repeats)
+    times = timed_rounds({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}, repeats, warmup)
     return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
