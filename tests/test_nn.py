@@ -184,3 +184,90 @@ def test_eager_fast_path_equals_the_op_and_steps_aside_when_needed():
     with torch.no_grad(), Seen():  # a dispatch mode must see the op, not be bypassed
         assert torch.equal(layer(x), direct)
     assert any("llm_int8.int8_mixed_linear" in op for op in Seen.ops)
+
+
+def _via_op(layer, x):
+    return F.int8_mixed_linear(x, layer.weight, layer.SCB, layer.bias, layer.threshold, layer.fp_cols, layer.fp_weight)
+
+
+def test_bound_fast_path_follows_every_change_of_the_layer():
+    """The fast path binds the layer's tensors once; each way of changing them must be seen."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 20)
+    layer = Linear8bitLt.from_linear(lin)
+    x = torch.randn(2, 3, 48)
+    x[..., 5] *= 20  # an outlier column at the default threshold
+    with torch.no_grad():
+        first = layer(x)
+        bound = layer._bound
+        assert bound is not None and torch.equal(first, _via_op(layer, x))
+        assert layer(x) is not None and layer._bound is bound  # reused while nothing changed
+
+        layer.bias.add_(1.0)  # in place: read through the same pointer
+        assert torch.equal(layer(x), _via_op(layer, x)) and not torch.equal(layer(x), first)
+
+        layer.threshold = 0.0  # the outlier column is no longer decomposed
+        assert torch.equal(layer(x), _via_op(layer, x)) and layer._bound is not bound
+
+        other = Linear8bitLt.from_linear(nn.Linear(48, 20))
+        layer.weight.data = other.weight.data.clone()  # same Parameter object, other memory
+        assert torch.equal(layer(x), _via_op(layer, x))
+        layer.SCB = other.SCB.clone()
+        assert torch.equal(layer(x), _via_op(layer, x))
+
+        layer.set_fp_columns(torch.tensor([2, 9]), lin.weight)
+        assert torch.equal(layer(x), _via_op(layer, x))
+
+        layer.half()  # fp16 bias: converted on every call, never cached
+        xh = x.half()
+        assert layer(xh).dtype == torch.float16 and torch.equal(layer(xh), _via_op(layer, xh))
+        layer.bias.add_(1.0)
+        assert torch.equal(layer(xh), _via_op(layer, xh))
+
+
+def test_bound_fast_path_survives_copies_and_pickling():
+    import copy
+    import io
+
+    layer = Linear8bitLt.from_linear(nn.Linear(32, 16))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        want = layer(x)
+        twin = copy.deepcopy(layer)  # after a forward: the copy must bind its own tensors
+        assert twin._bound is None and torch.equal(twin(x), want)
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(x), want)
+        del layer, twin
+        assert torch.equal(loaded(x), want)
+
+
+@pytest.mark.parametrize("shape", [(7, 40), (2, 3, 40), (2, 2, 2, 40), (0, 40), (2, 0, 40)])
+def test_bound_fast_path_shapes_and_many_outlier_columns(shape):
+    """N-D and empty inputs, and more decomposed columns than the fused epilogue takes (the addmm)."""
+    torch.manual_seed(1)
+    layer = Linear8bitLt.from_linear(nn.Linear(40, 12))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for threshold in (6.0, 0.5):  # 0.5: most of the 40 columns (> 64 only with more) ...
+            layer.threshold = threshold
+            out = layer(x)
+            assert out.shape == (*shape[:-1], 12) and torch.equal(out, _via_op(layer, x))
+    wide = Linear8bitLt.from_linear(nn.Linear(200, 12), threshold=0.5)  # ... here > 64 columns
+    xw = torch.randn(*shape[:-1], 200)
+    with torch.no_grad():
+        assert torch.equal(wide(xw), _via_op(wide, xw))
+        if xw.numel():
+            assert torch.allclose(wide(xw), xw @ wide.dequantize().T + wide.bias, atol=1e-3, rtol=1e-3)
+
+
+def test_fast_path_skips_meta_weights_and_other_devices():
+    layer = Linear8bitLt(16, 8, device="meta")
+    with torch.no_grad():
+        out = layer(torch.randn(3, 16, device="meta"))
+    assert out.is_meta and out.shape == (3, 8)
+    cpu_layer = Linear8bitLt(16, 8)
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError)):
+        cpu_layer(torch.randn(3, 16, device="meta"))  # a meta input never reaches the CPU kernel

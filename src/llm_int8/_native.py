@@ -158,14 +158,9 @@ def _try_load():
     ]
     fn.restype = ctypes.c_int
     mixed = getattr(lib, _MIXED_SYMBOL)
-    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    mixed.argtypes = [
-        p, i64, i64, i64,  # x, ldx, M, K
-        p, i64, i64, p, p, ctypes.c_float,  # W, ldw, N, scb, bias, threshold
-        p, i64, p, c_int,  # fp_cols, nfp, fpw, fpw dtype
-        p, i64, p, p, c_int, c_int,  # out, ldo, cols_out, ncols_out, max_cols, threads
-    ]
-    mixed.restype = ctypes.c_int
+    p = ctypes.c_void_p
+    mixed.argtypes = [p, p, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int]  # layer, x, ldx, M, out, cols, threads
+    mixed.restype = ctypes.c_int64
     return fn, mixed, path
 
 
@@ -273,6 +268,100 @@ def int8_gemm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
+class _Layer(ctypes.Structure):
+    """``llm_int8_layer`` of the C source: one layer's weight side, bound once."""
+
+    _fields_ = [
+        ("W", ctypes.c_void_p), ("ldw", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+        ("scb", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("threshold", ctypes.c_float),
+        ("fp_cols", ctypes.c_void_p), ("nfp", ctypes.c_int64), ("fpw", ctypes.c_void_p),
+        ("fpw_dtype", ctypes.c_int), ("max_cols", ctypes.c_int),
+    ]
+
+
+_scratch = threading.local()  # per thread: the int64 buffer the kernel writes the decomposed columns to
+
+
+def _cols_buffer(size: int) -> torch.Tensor:
+    buf = getattr(_scratch, "cols", None)
+    if buf is None or buf.numel() < size:
+        buf = _scratch.cols = torch.empty(max(size, 8192), dtype=torch.int64)
+    return buf
+
+
+class MixedLinear:
+    """The fused LLM.int8() forward (``llm_int8_mixed_linear_f32``) bound to one layer's tensors.
+
+    The tensors are read in place on every call, never copied, so in-place updates are seen; a
+    module rebinds when it holds other tensors (see ``Linear8bitLt``). Binding checks the layout
+    once, so a call costs one ctypes call and the output's allocation:
+
+    weight_int8 [N, K] (rows K-contiguous); weight_absmax float32 [N] and bias float32 [N] or None,
+    contiguous; fp_cols int64 [F] contiguous with fp_weight [N, F] contiguous (float32, float16 or
+    bfloat16), or both None. N, K > 0 and K <= MAX_K. Raises ValueError otherwise.
+    """
+
+    __slots__ = ("tensors", "n", "k", "nfp", "_layer", "_addr", "_fn")
+
+    def __init__(self, weight_int8, weight_absmax, bias, threshold: float, fp_cols=None, fp_weight=None):
+        fn = _state["mixed"]
+        if fn is None:
+            _load()
+            fn = _state["mixed"]
+            if fn is None:
+                raise RuntimeError(f"native int8 kernels unavailable: {_state['reason']}")
+        n, k = weight_int8.shape
+        if weight_int8.dtype != torch.int8 or n == 0 or not 0 < k <= MAX_K or (k > 1 and weight_int8.stride(1) != 1):
+            raise ValueError(f"weight must be int8 [N, K] with K-contiguous rows, 0 < K <= {MAX_K}, got "
+                             f"{weight_int8.dtype} {tuple(weight_int8.shape)} strides {weight_int8.stride()}")
+        for name, t in (("weight_absmax", weight_absmax), ("bias", bias)):
+            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n,) or not t.is_contiguous()):
+                raise ValueError(f"{name} must be contiguous float32 [{n}], got {t.dtype} {tuple(t.shape)}")
+        if (fp_cols is None) != (fp_weight is None):
+            raise ValueError("fp_cols and fp_weight go together")
+        nfp = 0 if fp_cols is None else fp_cols.numel()
+        if nfp and (fp_cols.dtype != torch.int64 or not fp_cols.is_contiguous() or fp_weight.dtype not in _FP_DTYPE_CODES
+                    or tuple(fp_weight.shape) != (n, nfp) or not fp_weight.is_contiguous()):
+            raise ValueError(f"fp_cols must be contiguous int64 [F] and fp_weight contiguous float [{n}, F], got "
+                             f"{fp_cols.dtype} {tuple(fp_cols.shape)} and {fp_weight.dtype} {tuple(fp_weight.shape)}")
+        self.tensors = (weight_int8, weight_absmax, bias, fp_cols, fp_weight)  # kept alive while bound
+        self.n, self.k, self.nfp, self._fn = n, k, nfp, fn
+        self._layer = _Layer(
+            weight_int8.data_ptr(), weight_int8.stride(0) if n > 1 else k, n, k, weight_absmax.data_ptr(),
+            None if bias is None else bias.data_ptr(), threshold, fp_cols.data_ptr() if nfp else None, nfp,
+            fp_weight.data_ptr() if nfp else None, _FP_DTYPE_CODES[fp_weight.dtype] if nfp else 0, MAX_FUSED_COLS,
+        )
+        self._addr = ctypes.addressof(self._layer)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x float32 [M, K] with K-contiguous rows, or [..., K] contiguous; M > 0 rows in all.
+
+        Returns (out float32 [..., N], number of decomposed columns). With more than
+        MAX_FUSED_COLS of them, out holds the int8 part only (see :func:`mixed_linear_f32`).
+        """
+        shape, n, k = x.shape, self.n, self.k
+        if len(shape) == 2:
+            m = shape[0]
+            ldx = x.stride(0) if m > 1 else k
+            out = torch.empty(m, n)
+        else:
+            if not x.is_contiguous():
+                raise ValueError("an N-D x must be contiguous; pass [M, K] rows for strided input")
+            m, ldx = x.numel() // k, k
+            out = torch.empty(shape[0], shape[1], n) if len(shape) == 3 else torch.empty(*shape[:-1], n)
+        cols = getattr(_scratch, "cols", None)
+        if cols is None or cols.numel() < k + self.nfp:
+            cols = _cols_buffer(k + self.nfp)
+        nc = self._fn(self._addr, x.data_ptr(), ldx, m, out.data_ptr(), cols.data_ptr(), torch.get_num_threads())
+        if nc < 0:
+            raise RuntimeError(f"native LLM.int8() forward failed with code {nc} (M={m}, N={n}, K={k})")
+        return out, nc
+
+    def last_columns(self, nc: int) -> torch.Tensor:
+        """The decomposed columns of this thread's last call (found ones ascending, then fp_cols)."""
+        return _scratch.cols[:nc].clone()
+
+
 def mixed_linear_f32(
     x: torch.Tensor,
     weight_int8: torch.Tensor,
@@ -284,35 +373,15 @@ def mixed_linear_f32(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The LLM.int8() forward in one native call: quantization, int8 GEMM and dequantization fused.
 
-    x float32 [M, K] (rows may be strided, K contiguous); weight_int8 [N, K]; weight_absmax float32
-    [N]; bias float32 [N] or None; fp_cols int64 [F] with fp_weight [N, F] contiguous (float32,
-    float16 or bfloat16, read as is), or None. M, N, K > 0 and K <= MAX_K (the caller handles the empty cases).
+    x float32 [M, K] (rows may be strided, K contiguous), M > 0; the layer's tensors as
+    :class:`MixedLinear` takes them.
 
     Returns ``(out, cols, complete)``: out float32 [M, N]; cols the decomposed columns (those found
     at run time, ascending, then fp_cols). When ``complete`` is False (more than MAX_FUSED_COLS
     columns), out holds only the int8 part and the caller must add ``x[:, cols] @ w_cols.T`` and the
     bias. Same codes and int32 sums as the eager path; see ``csrc/int8_gemm_avx2.c``.
     """
-    fn = _state["mixed"]
-    if fn is None:
-        _load()
-        fn = _state["mixed"]
-        if fn is None:
-            raise RuntimeError(f"native int8 kernels unavailable: {_state['reason']}")
-    (m, k), n = x.shape, weight_int8.shape[0]
-    x_, ldx = _rows_operand(x)
-    w_, ldw = _rows_operand(weight_int8)
-    nfp = 0 if fp_cols is None else fp_cols.numel()
-    out = torch.empty((m, n), dtype=torch.float32)
-    cols = torch.empty(k + nfp, dtype=torch.int64)
-    ncols = ctypes.c_int64(0)
-    rc = fn(
-        x_.data_ptr(), ldx, m, k,
-        w_.data_ptr(), ldw, n, weight_absmax.data_ptr(), None if bias is None else bias.data_ptr(), threshold,
-        None if not nfp else fp_cols.data_ptr(), nfp, None if not nfp else fp_weight.data_ptr(),
-        0 if not nfp else _FP_DTYPE_CODES[fp_weight.dtype],
-        out.data_ptr(), n, cols.data_ptr(), ctypes.byref(ncols), MAX_FUSED_COLS, max(1, torch.get_num_threads()),
-    )
-    if rc < 0:
-        raise RuntimeError(f"native LLM.int8() forward failed with code {rc} (M={m}, N={n}, K={k})")
-    return out, cols[: ncols.value], rc == 0
+    layer = MixedLinear(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+    x_, _ = _rows_operand(x)
+    out, nc = layer(x_)
+    return out, layer.last_columns(nc), nc <= MAX_FUSED_COLS

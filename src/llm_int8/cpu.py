@@ -15,10 +15,12 @@ scales, bias and outlier product are applied in place on one float32 output.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _native
-from ._ops import INT8_MAX, register_kernel
+from ._ops import INT8_MAX, register_binder, register_kernel
 from .reference import decomposed_columns, decomposed_weight, quantize_rows, row_absmax
 from .reference import int8_vectorwise_quant as _reference_vectorwise_quant
 
@@ -88,22 +90,38 @@ def _native_operand(t, dtypes=_F32):
     return t.to(torch.float32).contiguous()
 
 
+def _native_layer(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight) -> _native.MixedLinear:
+    return _native.MixedLinear(
+        weight_int8 if weight_int8.shape[1] <= 1 or weight_int8.stride(1) == 1 else weight_int8.contiguous(),
+        _native_operand(weight_absmax), _native_operand(bias), float(threshold),
+        fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(),
+        _native_operand(fp_weight, _F32_F16_BF16),
+    )
+
+
+def _native_forward(layer: _native.MixedLinear, x, weight_int8, weight_absmax, bias, fp_weight):
+    """The layer's output for x [M, K] (M > 0; or [..., K] contiguous) in x's dtype: one native call,
+    plus one addmm when more columns were decomposed than the fused epilogue takes (a low threshold)."""
+    xf = x if x.dtype is torch.float32 else x.float()
+    if not xf.is_contiguous() and (xf.dim() != 2 or xf.shape[1] > 1 and xf.stride(1) != 1
+                                   or xf.shape[0] > 1 and xf.stride(0) < xf.shape[1]):
+        xf = xf.contiguous()
+    out, nc = layer(xf)
+    if nc > _native.MAX_FUSED_COLS:
+        cols = layer.last_columns(nc)
+        w_cols = decomposed_weight(weight_int8, weight_absmax, cols[: nc - layer.nfp], fp_weight)
+        rows = out.view(-1, layer.n)
+        rows.addmm_(xf.reshape(-1, layer.k)[:, cols], w_cols.T)
+        if bias is not None:
+            rows.add_(bias.float())
+    return out if x.dtype is torch.float32 else out.to(x.dtype)
+
+
 def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
     if _native_mixed_ok(x, weight_int8):
         # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
-        xf = x if x.dtype is torch.float32 else x.float()
-        out, cols, complete = _native.mixed_linear_f32(
-            xf, weight_int8, _native_operand(weight_absmax), _native_operand(bias), float(threshold),
-            fp_cols if fp_cols is None or fp_cols.is_contiguous() else fp_cols.contiguous(),
-            _native_operand(fp_weight, _F32_F16_BF16),
-        )
-        if not complete:  # many decomposed columns (a low threshold): their product in one GEMM
-            n_found = cols.numel() - (0 if fp_cols is None else fp_cols.numel())
-            w_cols = decomposed_weight(weight_int8, weight_absmax, cols[:n_found], fp_weight)
-            out.addmm_(xf[:, cols], w_cols.T)
-            if bias is not None:
-                out.add_(bias.float())
-        return out if x.dtype is torch.float32 else out.to(x.dtype)
+        layer = _native_layer(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+        return _native_forward(layer, x, weight_int8, weight_absmax, bias, fp_weight)
     xf = x.float()
     cols, w_cols = decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_weight)
     has_cols = cols.numel() > 0
@@ -119,6 +137,42 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
     return out.to(x.dtype)
 
 
+def _rows_apply(kernel, x, args):
+    """kernel(x as [M, K] rows, *args), reshaped back to [..., N]."""
+    if x.dim() == 2:
+        return kernel(x, *args)
+    out = kernel(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), *args)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def bind_mixed_linear(weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
+    """``int8_mixed_linear`` of one layer as a callable x [..., K] -> out [..., N].
+
+    When the kernel can read the layer's tensors in place, their checks and pointers are bound once
+    (a decoding step calls every layer with one row, where that per-call work is a large share).
+    Tensors it would have to convert are converted on every call, so the callable never holds a
+    copy that an in-place update of the layer could leave stale.
+    """
+    args = (weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+    n, k = weight_int8.shape
+    in_place = (
+        weight_absmax.dtype is torch.float32 and weight_absmax.is_contiguous()
+        and (bias is None or bias.dtype is torch.float32 and bias.is_contiguous())
+        and (fp_cols is None or fp_cols.is_contiguous() and fp_weight.dtype in _F32_F16_BF16 and fp_weight.is_contiguous())
+        and (k <= 1 or weight_int8.stride(1) == 1)
+    )
+    if not (in_place and n > 0 and 0 < k <= _native.MAX_K and _native.available()):
+        return lambda x: _rows_apply(int8_mixed_linear, x, args)
+    layer = _native_layer(*args)
+
+    def forward(x):
+        if x.numel() == 0:
+            return _rows_apply(int8_mixed_linear, x, args)
+        return _native_forward(layer, x, weight_int8, weight_absmax, bias, fp_weight)
+
+    return forward
+
+
 for _name, _fn in [
     ("int8_vectorwise_quant", int8_vectorwise_quant),
     ("int8_linear_matmul", int8_linear_matmul),
@@ -126,3 +180,4 @@ for _name, _fn in [
     ("int8_mixed_linear", int8_mixed_linear),
 ]:
     register_kernel(_name, "cpu", _fn)
+register_binder("cpu", bind_mixed_linear)

@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
-from ._ops import DIRECT_MIXED_KERNELS, INT8_MAX
+from ._ops import DIRECT_MIXED_BINDERS, DIRECT_MIXED_KERNELS, INT8_MAX
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ops = torch.ops.llm_int8
@@ -78,20 +78,68 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
 
 
-def direct_mixed_kernel(x, weight_int8: torch.Tensor, bias: torch.Tensor | None):
-    """The ``int8_mixed_linear`` kernel of x's device when calling it directly is the same as the op.
+def plain_eager_call(x, bias: torch.Tensor | None) -> bool:
+    """True for eager inference: x a plain float tensor, no gradient needed, not under
+    torch.compile, no torch function or dispatch mode active (else the op and its dispatcher are
+    needed: autograd, tracing and modes). Written for speed: it runs on every layer call."""
+    dt = x.dtype
+    return (
+        type(x) is torch.Tensor
+        and (dt is torch.float32 or dt is torch.bfloat16 or dt is torch.float16)
+        and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
 
-    That is eager inference: x a plain float tensor on the weight's device, no gradient needed, not
-    under torch.compile, no torch function or dispatch mode active. Otherwise None (go through the
-    op: autograd, tracing and modes need the dispatcher).
-    """
-    if type(x) is not torch.Tensor or x.dtype not in FLOAT_DTYPES or x.device != weight_int8.device:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return None
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+
+def direct_mixed_kernel(x, weight_int8: torch.Tensor, bias: torch.Tensor | None):
+    """The ``int8_mixed_linear`` kernel of x's device when calling it directly is the same as the op:
+    a :func:`plain_eager_call` with x on the weight's device. Otherwise None."""
+    if not plain_eager_call(x, bias) or x.device != weight_int8.device:
         return None
     return DIRECT_MIXED_KERNELS.get(x.device.type)
+
+
+class BoundMixedKernel:
+    """One layer's ``int8_mixed_linear`` on one device, its tensors bound (the eager fast path).
+
+    ``fn`` maps x [..., K] on ``device`` to out [..., N] (None: the device has no kernel). It stays valid while the layer holds
+    the very same tensors over the same memory and the same threshold (:meth:`matches`); in-place
+    updates of the tensors are seen.
+    """
+
+    __slots__ = ("fn", "device", "tensors", "ptrs", "threshold")
+
+    def __init__(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
+        args = (weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+        self.device = weight_int8.device
+        bind, kernel = DIRECT_MIXED_BINDERS.get(self.device.type), DIRECT_MIXED_KERNELS.get(self.device.type)
+        if bind is not None:
+            self.fn = bind(*args)
+        elif kernel is None:  # e.g. the meta device: no fast path
+            self.fn = None
+        else:
+
+            def fn(x):
+                out = kernel(_as_rows(x), *args)
+                return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+            self.fn = fn
+        self.tensors = (weight_int8, weight_absmax, bias, fp_cols, fp_weight)
+        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
+        self.threshold = threshold
+
+    def matches(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None) -> bool:
+        t, p = self.tensors, self.ptrs
+        return (
+            t[0] is weight_int8 and t[1] is weight_absmax and t[2] is bias and t[3] is fp_cols
+            and t[4] is fp_weight and self.threshold == threshold
+            # the same memory: a `tensor.data = other` swap keeps the object but not the pointer
+            and weight_int8.data_ptr() == p[0] and weight_absmax.data_ptr() == p[1]
+            and (bias is None or bias.data_ptr() == p[2])
+            and (fp_weight is None or fp_weight.data_ptr() == p[4] and fp_cols.data_ptr() == p[3])
+        )
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:

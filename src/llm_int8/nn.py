@@ -30,6 +30,8 @@ class Linear8bitLt(nn.Module):
     run the same code. Loading an ``nn.Linear`` state dict (float ``weight``) quantizes it.
     """
 
+    _bound = None  # F.BoundMixedKernel of the eager fast path, built on first use (per instance)
+
     def __init__(
         self,
         in_features: int,
@@ -127,14 +129,22 @@ class Linear8bitLt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ is slow per layer call)
         weight, bias = params["weight"], params.get("bias")
-        kernel = F.direct_mixed_kernel(x, weight, bias)
-        if kernel is not None and x.dim() > 0 and x.shape[-1] == self.in_features:
-            # eager inference on plain tensors: the device kernel itself, without the dispatcher
-            # round trip or the argument checks (the module's own state was checked when set)
-            x2 = x if x.dim() == 2 else F._as_rows(x)
-            out = kernel(x2, weight, buffers["SCB"], bias, self.threshold, buffers["fp_cols"], buffers["fp_weight"])
-            return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+        if F.plain_eager_call(x, bias):
+            # eager inference: the device kernel bound to this layer's tensors, without the
+            # dispatcher round trip or per-call argument checks (the module's state was checked
+            # when set; a decoding step calls every layer with one row, where these costs add up)
+            scb, fp_cols, fp_weight = buffers["SCB"], buffers["fp_cols"], buffers["fp_weight"]
+            bound = self._bound
+            if bound is None or not bound.matches(weight, scb, bias, self.threshold, fp_cols, fp_weight):
+                bound = self._bound = F.BoundMixedKernel(weight, scb, bias, self.threshold, fp_cols, fp_weight)
+            if bound.fn is not None and x.device == bound.device and x.ndim > 0 and x.shape[-1] == self.in_features:
+                return bound.fn(x)
         return F.int8_mixed_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_bound"] = None  # holds raw pointers and a ctypes function: rebuilt on first use
+        return state
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out_features, in_features] this module multiplies by (fp columns included)."""

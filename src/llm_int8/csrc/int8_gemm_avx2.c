@@ -10,7 +10,7 @@
  * Plain C (gnu11) with GCC intrinsics and one inline-assembly loop; no Python or torch headers.
  * It is loaded with ctypes by llm_int8/_native.py, which compiles it with gcc on first use.  The
  * file is compiled for baseline x86-64; only the kernel section is compiled for AVX2 (target
- * pragma), so the CPU probe llm_int8_cpu_has_avx2() can run safely anywhere.
+ * and F16C, target pragma), so the CPU probe llm_int8_cpu_has_avx2() can run safely anywhere.
  *
  * ---------------------------------------------------------------------------------------------
  * The multiply trick (AVX2 has no signed x signed byte multiply)
@@ -95,8 +95,8 @@
 EXPORT int llm_int8_cpu_has_avx2(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
+    __builtin_cpu_init(); /* F16C (half <-> float) came before AVX2 on every x86 CPU line */
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 1 : 0;
 #else
     return 0;
 #endif
@@ -106,7 +106,7 @@ EXPORT int llm_int8_max_k(void) { return LLM_INT8_MAX_K; }
 
 /* Everything below is only executed after the probe above said yes. */
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #include <immintrin.h>
 
 #define AI static inline __attribute__((always_inline))
@@ -314,7 +314,8 @@ static const ukernel_fn UKERNELS[BLOCK_M][BLOCK_N] = {
  *
  * (the same float32 operations, in the same order, as the eager torch path), where the decomposed
  * columns c < n_int8 multiply the dequantized int8 weight column, wc[j, c] = (float)W[j, col_c] * sw[j],
- * and the others the stored float columns (fpT[c - n_int8, j], converted once per call). */
+ * and the others the stored float columns fpw[j, c - n_int8], read in place in their dtype.  wc is
+ * gathered once per group of BLOCK_N outputs and reused for all the rows of the block. */
 typedef struct {
     const float *sx;       /* [M] x_absmax / 127 */
     const float *sw;       /* [N] w_absmax / 127 */
@@ -325,8 +326,8 @@ typedef struct {
     const float *xc;       /* [M, ncols] x at those columns */
     const int8_t *W;       /* [N, ldw] the int8 weight */
     int64_t ldw;
-    const float *fpT;      /* [ncols - n_int8, N] the stored float weight columns, as float32 */
-    int64_t N;
+    const void *fpw;       /* [N, ncols - n_int8] the stored float weight columns */
+    int fpw_dtype;         /* FP_F32 / FP_F16 / FP_BF16 */
 } epilogue;
 
 typedef struct {
@@ -339,56 +340,39 @@ typedef struct {
     int64_t row0, col0;    /* global index of this sub-problem's first row / column */
 } gemm_args;
 
-#define EPI_MAX_COLS 64
+#define EPI_MAX_COLS 64 /* most decomposed columns the epilogue handles; more go to the caller */
 enum { FP_F32 = 0, FP_F16 = 1, FP_BF16 = 2 };
 
-/* IEEE half -> float, exact (every half is a float), in plain C. */
-static float half_to_float(uint16_t h)
+/* wc[c][j] for the nb outputs gj .. gj + nb - 1 (see the epilogue above); exact conversions. */
+static void gather_wc(const epilogue *e, int64_t gj, int nb, float wc[][BLOCK_N_EPI])
 {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0 && mant == 0) {
-        bits = sign;
-    } else if (exp == 0) { /* subnormal: mant * 2^-24 */
-        const float f = (float)mant * 5.9604644775390625e-08f;
-        memcpy(&bits, &f, sizeof bits);
-        bits |= sign;
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (mant << 13); /* Inf, NaN */
-    } else {
-        bits = sign | ((exp + 112u) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static float load_float(const void *p, int dtype, int64_t i)
-{
-    if (dtype == FP_F16) return half_to_float(((const uint16_t *)p)[i]);
-    if (dtype == FP_BF16) {
-        const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-    return ((const float *)p)[i];
-} /* most decomposed columns the epilogue handles; more go to the caller */
-
-/* Apply the epilogue to the finished m x nb tile at C (global row gi, column gj); C holds int32 sums
- * and becomes float32 in place. */
-static void apply_epilogue(const epilogue *e, int32_t *C, int64_t ldc, int64_t gi, int m, int64_t gj,
-                           int nb)
-{
-    float wc[EPI_MAX_COLS][BLOCK_N_EPI];
-    const int64_t nc = e->ncols;
-    for (int64_t c = 0; c < nc; c++) {
-        for (int j = 0; j < nb; j++) {
-            const int64_t n = gj + j;
-            wc[c][j] = c < e->n_int8 ? (float)e->W[n * e->ldw + e->cols[c]] * e->sw[n]
-                                     : e->fpT[(c - e->n_int8) * e->N + n];
+    const int64_t nc = e->ncols, ni = e->n_int8, nfp = nc - ni;
+    for (int j = 0; j < nb; j++) {
+        const int64_t n = gj + j;
+        const int8_t *wrow = e->W + n * e->ldw;
+        for (int64_t c = 0; c < ni; c++) wc[c][j] = (float)wrow[e->cols[c]] * e->sw[n];
+        if (e->fpw_dtype == FP_F16) {
+            const uint16_t *f = (const uint16_t *)e->fpw + n * nfp;
+            for (int64_t c = 0; c < nfp; c++) wc[ni + c][j] = _cvtsh_ss(f[c]);
+        } else if (e->fpw_dtype == FP_BF16) {
+            const uint16_t *f = (const uint16_t *)e->fpw + n * nfp;
+            for (int64_t c = 0; c < nfp; c++) {
+                const uint32_t bits = (uint32_t)f[c] << 16;
+                memcpy(&wc[ni + c][j], &bits, sizeof bits);
+            }
+        } else {
+            const float *f = (const float *)e->fpw + n * nfp;
+            for (int64_t c = 0; c < nfp; c++) wc[ni + c][j] = f[c];
         }
     }
+}
+
+/* Apply the epilogue to the finished m x nb tile at C (global row gi, column gj) with the gathered
+ * wc; C holds int32 sums and becomes float32 in place. */
+static void apply_epilogue(const epilogue *e, const float wc[][BLOCK_N_EPI], int32_t *C, int64_t ldc,
+                           int64_t gi, int m, int64_t gj, int nb)
+{
+    const int64_t nc = e->ncols;
     for (int i = 0; i < m; i++) {
         const float sx = e->sx[gi + i];
         const float *xc = e->xc + (gi + i) * nc;
@@ -428,6 +412,7 @@ static void gemm_serial(const gemm_args *g)
 {
     const int64_t M = g->M, N = g->N, K = g->K;
     const int mr = BLOCK_M, nr = BLOCK_N;
+    float wc[EPI_MAX_COLS][BLOCK_N_EPI];
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         for (int64_t i = 0; i < M; i++) memset(g->C + i * g->ldc, 0, (size_t)N * sizeof(int32_t));
@@ -454,6 +439,8 @@ static void gemm_serial(const gemm_args *g)
             for (int64_t j = 0; j < N; j += nr) {
                 const int nb = (N - j) < nr ? (int)(N - j) : nr;
                 const int8_t *Bj = g->B + j * g->ldb + k0;
+                const int last = g->epi && k0 + kb == K;
+                if (last && g->epi->ncols) gather_wc(g->epi, g->col0 + j, nb, wc);
                 for (int64_t i = i0; i < i0 + mb; i += mr) {
                     const int m = (i0 + mb - i) < mr ? (int)(i0 + mb - i) : mr;
                     /* the first row group of a B panel prefetches the next full panel */
@@ -461,9 +448,9 @@ static void gemm_serial(const gemm_args *g)
                                            ? Bj + PF_PANELS * nr * g->ldb : NULL;
                     UKERNELS[m - 1][nb - 1](g->A + i * g->lda + k0, g->lda, Bj, g->ldb, kb,
                                             g->C + i * g->ldc + j, g->ldc, accumulate, pf);
-                    if (g->epi && k0 + kb == K)
-                        apply_epilogue(g->epi, g->C + i * g->ldc + j, g->ldc, g->row0 + i, m,
-                                       g->col0 + j, nb);
+                    if (last)
+                        apply_epilogue(g->epi, (const float(*)[BLOCK_N_EPI])wc, g->C + i * g->ldc + j,
+                                       g->ldc, g->row0 + i, m, g->col0 + j, nb);
                 }
             }
         }
@@ -678,35 +665,49 @@ static float quantize_row(const float *src, int64_t K, int8_t *codes)
 /* Below this many elements of x per thread, the quantization passes run on one thread. */
 #define MIN_QUANT_PER_THREAD (1 << 16)
 
+/* One layer's weight side of the LLM.int8() forward, as the caller binds it once (the Python side
+ * mirrors this struct with ctypes; keep the two in the same order). */
+typedef struct {
+    const int8_t *W;          /* [N, K] int8 codes, row stride ldw */
+    int64_t ldw, N, K;
+    const float *scb;         /* [N] weight row absmax */
+    const float *bias;        /* [N] or NULL */
+    float threshold;          /* run-time outlier threshold (<= 0: none) */
+    const int64_t *fp_cols;   /* [nfp] calibrated columns kept in float, or NULL */
+    int64_t nfp;
+    const void *fpw;          /* [N, nfp] row-major, their float weight columns */
+    int fpw_dtype;            /* FP_F32 / FP_F16 / FP_BF16 */
+    int max_cols;             /* most decomposed columns fused here (<= EPI_MAX_COLS) */
+} llm_int8_layer;
+
 /*
- * out [M, N] (float32, row stride ldo) = LLM.int8() forward of x [M, K] (float32, row stride ldx)
- * with the int8 weight W [N, K] (row stride ldw), its row absmax scb [N], optional bias [N], run-time
- * threshold (<= 0: none) and nfp calibrated columns fp_cols [nfp] with float weight columns
- * fpw [N, nfp] (row-major, float32 / float16 / bfloat16 as fpw_dtype says: 0 / 1 / 2).  cols_out (capacity K + nfp) receives the decomposed columns, found ones
- * (ascending, those not in fp_cols) first, then fp_cols; *ncols_out their number.
+ * out [M, N] (float32, contiguous) = LLM.int8() forward of x [M, K] (float32, row stride ldx) through
+ * the layer L.  cols_out (capacity K + nfp) receives the decomposed columns, found ones (ascending,
+ * those not in fp_cols) first, then fp_cols.
  *
- * Returns 0 when out is complete; 1 when more than max_cols (<= EPI_MAX_COLS) columns were
- * decomposed: out then holds the dequantized int8 part only, and the caller adds
- * x[:, cols] @ wcols.T and the bias; -1 bad arguments, -2 K too large, -3 no AVX2, -4 out of memory.
+ * Returns their number nc >= 0.  When nc <= max_cols, out is complete; otherwise out holds the
+ * dequantized int8 part only and the caller adds x[:, cols] @ wcols.T and the bias.  Errors:
+ * -1 bad arguments, -2 K too large, -3 no AVX2, -4 out of memory.
  */
-EXPORT int llm_int8_mixed_linear_f32(
-    const float *x, int64_t ldx, int64_t M, int64_t K,
-    const int8_t *W, int64_t ldw, int64_t N, const float *scb, const float *bias, float threshold,
-    const int64_t *fp_cols, int64_t nfp, const void *fpw, int fpw_dtype,
-    float *out, int64_t ldo, int64_t *cols_out, int64_t *ncols_out, int max_cols, int nthreads)
+EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x, int64_t ldx, int64_t M,
+                                         float *out, int64_t *cols_out, int nthreads)
 {
-    if (M <= 0 || N <= 0 || K <= 0 || nfp < 0 || ldx < K || ldw < K || ldo < N) return -1;
-    if (!x || !W || !scb || !out || !cols_out || !ncols_out || (nfp && (!fp_cols || !fpw))) return -1;
-    if (fpw_dtype != FP_F32 && fpw_dtype != FP_F16 && fpw_dtype != FP_BF16) return -1;
+    if (!L) return -1;
+    const int64_t N = L->N, K = L->K, nfp = L->nfp, ldw = L->ldw;
+    const int8_t *W = L->W;
+    const int64_t *fp_cols = L->fp_cols;
+    if (M <= 0 || N <= 0 || K <= 0 || nfp < 0 || ldx < K || ldw < K) return -1;
+    if (!x || !W || !L->scb || !out || !cols_out || (nfp && (!fp_cols || !L->fpw))) return -1;
+    if (L->fpw_dtype != FP_F32 && L->fpw_dtype != FP_F16 && L->fpw_dtype != FP_BF16) return -1;
     if (K > LLM_INT8_MAX_K) return -2;
     if (!llm_int8_cpu_has_avx2()) return -3;
-    if (max_cols > EPI_MAX_COLS) max_cols = EPI_MAX_COLS;
+    const int max_cols = L->max_cols > EPI_MAX_COLS ? EPI_MAX_COLS : L->max_cols;
     int nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
     while (nt > 1 && (double)M * (double)K / nt < MIN_QUANT_PER_THREAD) nt--;
 
-    int rc = -4;
+    int64_t rc = -4;
     int8_t *codes = NULL;
-    float *sx = NULL, *sw = NULL, *xc = NULL, *cmax = NULL, *tmp = NULL, *fpT = NULL;
+    float *sx = NULL, *sw = NULL, *xc = NULL, *cmax = NULL, *tmp = NULL;
     uint8_t *is_fp = NULL;
     codes = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
     sx = malloc((size_t)M * sizeof(float));
@@ -720,7 +721,7 @@ EXPORT int llm_int8_mixed_linear_f32(
         is_fp[fp_cols[f]] = 1;
     }
     int64_t nc = 0;
-    if (threshold > 0.0f) {
+    if (L->threshold > 0.0f) {
         cmax = malloc((size_t)K * sizeof(float));
         if (!cmax) goto done;
         if (nt > 1) {
@@ -732,11 +733,10 @@ EXPORT int llm_int8_mixed_linear_f32(
             column_absmax(x, ldx, M, 0, K, cmax);
         }
         for (int64_t c = 0; c < K; c++)
-            if (cmax[c] >= threshold && !is_fp[c]) cols_out[nc++] = c;
+            if (cmax[c] >= L->threshold && !is_fp[c]) cols_out[nc++] = c;
     }
     const int64_t n_int8 = nc;
     for (int64_t f = 0; f < nfp; f++) cols_out[nc++] = fp_cols[f];
-    *ncols_out = nc;
     const int fused = nc <= max_cols;
 
     /* 2. row quantization, and x at the decomposed columns */
@@ -762,20 +762,13 @@ EXPORT int llm_int8_mixed_linear_f32(
         }
         sx[m] = quantize_row(src, K, codes + m * K) / 127.0f;
     }
-    for (int64_t n = 0; n < N; n++) sw[n] = scb[n] / 127.0f;
-
-    /* the stored float columns, transposed to [nfp, N] float32 once (the tiles read 4 outputs at a time) */
-    if (fused && nfp) {
-        fpT = malloc((size_t)nfp * (size_t)N * sizeof(float));
-        if (!fpT) goto done;
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t f = 0; f < nfp; f++) fpT[f * N + n] = load_float(fpw, fpw_dtype, n * nfp + f);
-    }
+    for (int64_t n = 0; n < N; n++) sw[n] = L->scb[n] / 127.0f;
 
     /* 3. GEMM + epilogue */
-    const epilogue e = {sx, sw, fused ? bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw, fpT, N};
-    gemm_run(codes, K, W, ldw, (int32_t *)out, ldo, M, N, K, nthreads, &e);
-    rc = fused ? 0 : 1;
+    const epilogue e = {sx, sw, fused ? L->bias : NULL, fused ? nc : 0, n_int8, cols_out, xc, W, ldw,
+                        L->fpw, L->fpw_dtype};
+    gemm_run(codes, K, W, ldw, (int32_t *)out, N, M, N, K, nthreads, &e);
+    rc = nc;
 
 done:
     free(codes);
@@ -785,7 +778,6 @@ done:
     free(cmax);
     free(tmp);
     free(is_fp);
-    free(fpT);
     return rc;
 }
 
