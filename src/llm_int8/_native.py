@@ -279,14 +279,19 @@ class _Layer(ctypes.Structure):
     ]
 
 
-_scratch = threading.local()  # per thread: the int64 buffer the kernel writes the decomposed columns to
+class _Scratch(threading.local):
+    """Per thread: the int64 buffer the kernel writes the decomposed columns to, and its address."""
+
+    cols = None
+    ptr = capacity = 0
+
+    def grow(self, size: int) -> int:
+        self.cols = torch.empty(max(size, 8192), dtype=torch.int64)
+        self.ptr, self.capacity = self.cols.data_ptr(), self.cols.numel()
+        return self.ptr
 
 
-def _cols_buffer(size: int) -> torch.Tensor:
-    buf = getattr(_scratch, "cols", None)
-    if buf is None or buf.numel() < size:
-        buf = _scratch.cols = torch.empty(max(size, 8192), dtype=torch.int64)
-    return buf
+_scratch = _Scratch()
 
 
 class MixedLinear:
@@ -349,10 +354,9 @@ class MixedLinear:
                 raise ValueError("an N-D x must be contiguous; pass [M, K] rows for strided input")
             m, ldx = x.numel() // k, k
             out = torch.empty(shape[0], shape[1], n) if len(shape) == 3 else torch.empty(*shape[:-1], n)
-        cols = getattr(_scratch, "cols", None)
-        if cols is None or cols.numel() < k + self.nfp:
-            cols = _cols_buffer(k + self.nfp)
-        nc = self._fn(self._addr, x.data_ptr(), ldx, m, out.data_ptr(), cols.data_ptr(), torch.get_num_threads())
+        scratch = _scratch
+        cols = scratch.ptr if scratch.capacity >= k + self.nfp else scratch.grow(k + self.nfp)
+        nc = self._fn(self._addr, x.data_ptr(), ldx, m, out.data_ptr(), cols, torch.get_num_threads())
         if nc < 0:
             raise RuntimeError(f"native LLM.int8() forward failed with code {nc} (M={m}, N={n}, K={k})")
         return out, nc

@@ -145,6 +145,21 @@ def _rows_apply(kernel, x, args):
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class _BoundNative:
+    """One layer's native forward, x [..., K] -> out [..., N] (see :func:`bind_mixed_linear`)."""
+
+    __slots__ = ("layer", "args", "tensors")
+
+    def __init__(self, args):
+        weight_int8, weight_absmax, bias, _, _, fp_weight = self.args = args
+        self.layer, self.tensors = _native_layer(*args), (weight_int8, weight_absmax, bias, fp_weight)
+
+    def __call__(self, x):
+        if x.numel() == 0:
+            return _rows_apply(int8_mixed_linear, x, self.args)
+        return _native_forward(self.layer, x, *self.tensors)
+
+
 def bind_mixed_linear(weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
     """``int8_mixed_linear`` of one layer as a callable x [..., K] -> out [..., N].
 
@@ -163,14 +178,7 @@ def bind_mixed_linear(weight_int8, weight_absmax, bias=None, threshold=6.0, fp_c
     )
     if not (in_place and n > 0 and 0 < k <= _native.MAX_K and _native.available()):
         return lambda x: _rows_apply(int8_mixed_linear, x, args)
-    layer = _native_layer(*args)
-
-    def forward(x):
-        if x.numel() == 0:
-            return _rows_apply(int8_mixed_linear, x, args)
-        return _native_forward(layer, x, weight_int8, weight_absmax, bias, fp_weight)
-
-    return forward
+    return _BoundNative(args)
 
 
 for _name, _fn in [
