@@ -59,6 +59,9 @@ def test_ppl_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
     assert result["n_windows"] == 2 and result["seq_len"] == 16
     assert set(result["perplexity"]) == {"fp32", "absmax_tensor", "llm_int8"}
     assert all(math.isfinite(r["perplexity"]) and r["n_tokens"] == 30 for r in result["perplexity"].values())
+    assert result["perplexity"]["fp32"]["top1_agreement"] == 1.0
+    assert all(0.0 <= r["top1_agreement"] <= 1.0 for r in result["perplexity"].values())
+    assert "top-1 = fp32" in text
 
 
 def test_outliers_finds_the_planted_dim_and_writes_pngs(tiny, tmp_path):
@@ -119,7 +122,17 @@ def test_demo_runs_end_to_end(tiny, tmp_path, capsys):
         assert expected in text
     result = json.loads(out.read_text())
     assert set(result["generations"]) == {"fp32", "int8"}
+    assert 0 <= result["generation_common_prefix"] <= result["generation_tokens"] <= 24
     assert result["memory_bytes"]["int8"] < result["memory_bytes"]["fp32"]
+
+
+def test_demo_shows_progress_for_every_slow_step(tiny, capsys):
+    model, corpus = tiny
+    argv = ["demo", "--model", model, "--corpus", corpus, "--windows", "2", "--seq-len", "16", "--methods", "fp32"]
+    assert cli.main(argv) == 0
+    bars = capsys.readouterr().err
+    for step in ("outlier statistics", "calibration", "fp32", "decode tokens/s", "prefill tokens/s", "greedy continuation"):
+        assert f"{step}:" in bars, step
 
 
 def test_missing_corpus_is_a_clear_error(tiny, tmp_path, capsys):

@@ -17,7 +17,8 @@ from llm_int8.convert import memory_footprint, quantize_
 from llm_int8.eval import calibrate
 from llm_int8.eval.calibrate import calibration_plan, quantize_with_plan
 from llm_int8.eval.experiments import Workload, threshold_sweep
-from llm_int8.eval.perplexity import perplexity, tokens_per_second
+from llm_int8.eval.models import common_prefix_length
+from llm_int8.eval.perplexity import perplexity, tokens_per_second, top1_agreement
 
 WIDTH, VOCAB, N_BLOCKS, SEQ = 16, 40, 4, 50
 SMALL = 0.9  # every non-planted activation stays below this, far under the threshold 6
@@ -155,6 +156,9 @@ def test_outlier_report_counts_per_site_and_share():
     assert report.large_dims_per_site == [2, 0] * N_BLOCKS
     assert report.outliers_per_site == [2, 0] * N_BLOCKS
     assert report.magnitudes.shape == (2 * N_BLOCKS, WIDTH)
+    kinds, blocks = report.by_block()
+    assert kinds == ["up/gate", "down"]
+    assert blocks == [(f"layers.{b}", {"up/gate": (2, 2), "down": (0, 0)}) for b in range(N_BLOCKS)]
 
 
 def test_zero_input_dims_zeroes_only_inside_the_block():
@@ -186,6 +190,41 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size():
     assert result.nll == pytest.approx(math.log(VOCAB), rel=1e-6)
     assert result.perplexity == pytest.approx(VOCAB, rel=1e-5)
     assert len(result.window_seconds) == 3
+
+
+class Echo(nn.Module):
+    """Predicts the current token as the next one, except token ``wrong``, for which it predicts 0."""
+
+    def __init__(self, wrong: int | None = None):
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, input_ids):
+        target = input_ids.clone()
+        if self.wrong is not None:
+            target[input_ids == self.wrong] = 0
+        return SimpleNamespace(logits=nn.functional.one_hot(target, VOCAB).float())
+
+
+def test_top1_agreement_counts_equal_argmax_predictions():
+    windows = _windows(2)
+    reference = perplexity(Echo(), windows)
+    changed = perplexity(Echo(wrong=7), windows)
+    assert torch.equal(reference.predictions, windows[:, :-1])
+    differing = int((windows[:, :-1] == 7).sum())
+    assert differing > 0
+    assert top1_agreement(reference, reference) == 1.0
+    assert top1_agreement(changed, reference) == 1 - differing / reference.n_tokens
+
+
+@pytest.mark.parametrize("a, b, expected", [([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 5, 3], 1), ([4], [5], 0), ([1, 2], [1, 2, 3], 2)])
+def test_common_prefix_length(a, b, expected):
+    assert common_prefix_length(torch.tensor(a), torch.tensor(b)) == expected
+
+
+def test_top1_agreement_refuses_results_of_different_windows():
+    with pytest.raises(ValueError, match="different windows"):
+        top1_agreement(perplexity(Echo(), _windows(2)), perplexity(Echo(), _windows(3)))
 
 
 def test_tokens_per_second_counts_tokens():

@@ -48,8 +48,13 @@ def _ppl_table(results: dict, labels: dict) -> str:
     rows = []
     for name, r in results.items():
         delta = f"{100 * (r['perplexity'] / base - 1):+.2f} %" if base else "-"
-        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, f"{r['median_seconds_per_window']:.2f}"])
-    return _table(["method", "perplexity", "vs fp32", "s/window"], rows)
+        agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.2f} %"
+        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, agree, f"{r['median_seconds_per_window']:.2f}"])
+    table = _table(["method", "perplexity", "vs fp32", "top-1 = fp32", "s/window"], rows)
+    n_tokens = next(iter(results.values()), {}).get("n_tokens")
+    if base and n_tokens:
+        table += f"\ntop-1 = fp32: share of the {n_tokens} next-token predictions (argmax) equal to fp32's, same text"
+    return table
 
 
 def _outlier_text(report) -> str:
@@ -113,6 +118,8 @@ def cmd_demo(args, progress):
     print(f"\ngreedy continuation of {result['prompt']!r}:")
     for name, text in result["generations"].items():
         print(f"  [{name}] {text!r}")
+    print(f"  the first {result['generation_common_prefix']} of {result['generation_tokens']} new tokens are the same; once one "
+          "token differs the texts part (next-token agreement over the evaluation text: the table's top-1 = fp32)")
     print(f"\nwall time: {result['seconds']['total']:.0f} s (model load + tokenization {result['seconds']['load']:.0f} s)")
     _write_json(args.json, result)
 
@@ -134,8 +141,11 @@ def cmd_outliers(args, progress):
     result = ex.outlier_analysis(work, ablation=not args.no_ablation, progress=progress)
     report = result["report"]
     print(_outlier_text(report))
-    print(_table(["site", f"dims >= {report.threshold:g}", "outlier dims"],
-                 [[n, a, b] for n, a, b in zip(report.site_names, report.large_dims_per_site, report.outliers_per_site)]))
+    kinds, blocks = report.by_block()
+    print(f"\nper layer input: dims with |x| >= {report.threshold:g} (of which outlier feature dims)")
+    print(_table(["block", *kinds], [
+        [block, *(f"{cells[k][0]} ({cells[k][1]})" if k in cells else "-" for k in kinds)] for block, cells in blocks
+    ]))
     if "ablation" in result:
         ab = result["ablation"]
         base = ab["baseline"]

@@ -17,15 +17,16 @@ from ..nn import Linear8bitLt
 from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan, quantize_with_plan
 from .data import load_corpus, split_tokens, token_windows
 from .methods import METHODS, bitsandbytes_available, build_method
-from .models import greedy_continuation, load_model, tokenize
+from .models import common_prefix_length, greedy_tokens, load_model, tokenize
 from .speed import decode_tokens_per_second, prefill_tokens_per_second
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
-from .perplexity import PerplexityResult, perplexity
+from .perplexity import PerplexityResult, perplexity, top1_agreement
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
 SWEEP_ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
 DEMO_PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
 DECODE_TOKENS = 32  # new tokens per timed generate() in the decode throughput
+GENERATION_TOKENS = 24  # new tokens of the greedy continuation shown fp32 vs int8
 DEMO_METHODS = ["fp32", "bf16", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
 CALIBRATION_WINDOWS = 2
 
@@ -64,7 +65,9 @@ def calibrate(
 def compare_methods(
     work: Workload, methods: list[str], plan: CalibrationPlan | None = None, progress: ProgressFactory = _no_progress
 ) -> dict[str, PerplexityResult]:
-    """Perplexity of every method on the same windows; each method runs on a fresh copy of the model."""
+    """Perplexity of every method on the same windows; each method runs on a fresh copy of the model.
+
+    With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
@@ -73,6 +76,9 @@ def compare_methods(
         model = build_method(work.model, name, {"calibration": plan})
         results[name] = perplexity(model, work.windows, progress(name))
         del model
+    if "fp32" in results:
+        for result in results.values():
+            result.top1_agreement = top1_agreement(result, results["fp32"])
     return results
 
 
@@ -201,7 +207,7 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def throughput(
     work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5,
-    new_tokens: int = DECODE_TOKENS, models: dict | None = None,
+    new_tokens: int = DECODE_TOKENS, models: dict | None = None, progress: ProgressFactory = _no_progress,
 ) -> dict[str, dict[str, float]]:
     """Tokens/s of each method, fp32 and int8 timed in turns, medians (see :mod:`.speed`).
 
@@ -217,8 +223,10 @@ def throughput(
     models = {name: models[name] for name in methods}
     prompt = tokenize(work.tokenizer, DEMO_PROMPT).unsqueeze(0)
     return {
-        "decode": decode_tokens_per_second(models, prompt, new_tokens, repeats, work.tokenizer.eos_token_id),
-        "prefill": prefill_tokens_per_second(models, work.windows[:1], repeats),
+        "decode": decode_tokens_per_second(
+            models, prompt, new_tokens, repeats, work.tokenizer.eos_token_id, progress("decode tokens/s")
+        ),
+        "prefill": prefill_tokens_per_second(models, work.windows[:1], repeats, progress=progress("prefill tokens/s")),
     }
 
 
@@ -242,9 +250,12 @@ def run_demo(
     plan = calibrate(work, progress, budget)
     results = compare_methods(work, methods, plan, progress)
     int8_model = build_method(work.model, "llm_int8_calibrated", {"calibration": plan})
-    rates = throughput(work, ("fp32", "llm_int8_calibrated"), plan, models={"fp32": work.model, "llm_int8_calibrated": int8_model})
-    generations = {"fp32": greedy_continuation(work.model, work.tokenizer, DEMO_PROMPT)}
-    generations["int8"] = greedy_continuation(int8_model, work.tokenizer, DEMO_PROMPT)
+    compared = {"fp32": work.model, "llm_int8_calibrated": int8_model}
+    rates = throughput(work, tuple(compared), plan, models=compared, progress=progress)
+    continuations = {
+        label: greedy_tokens(model, work.tokenizer, DEMO_PROMPT, GENERATION_TOKENS)
+        for label, model in progress("greedy continuation")(list(zip(("fp32", "int8"), compared.values())))
+    }
     return {
         "n_windows": int(work.windows.shape[0]),
         "seq_len": int(work.windows.shape[1]),
@@ -258,6 +269,8 @@ def run_demo(
         "calibrated_columns": sum(len(c) for c in plan.columns.values()),
         "calibration": {"budget": plan.budget, "fp_bytes": plan.fp_bytes, "int8_bytes": plan.int8_bytes},
         "prompt": DEMO_PROMPT,
-        "generations": generations,
+        "generations": {label: work.tokenizer.decode(ids, skip_special_tokens=True) for label, ids in continuations.items()},
+        "generation_tokens": len(continuations["fp32"]),
+        "generation_common_prefix": common_prefix_length(continuations["fp32"], continuations["int8"]),
         "seconds": {"load": loaded - start, "total": time.perf_counter() - start},
     }

@@ -59,8 +59,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
-    """The greedy (argmax) continuation of ``prompt``, decoded, without the prompt."""
+def greedy_tokens(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> torch.Tensor:
+    """The greedy (argmax) continuation of ``prompt``: int64 [<= max_new_tokens] new token ids."""
     ids = tokenize(tokenizer, prompt).unsqueeze(0)
     out = model.generate(
         ids,
@@ -69,4 +69,16 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 24)
         do_sample=False,
         pad_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return out[0, ids.shape[1] :]
+
+
+def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
+    """The greedy (argmax) continuation of ``prompt``, decoded, without the prompt."""
+    return tokenizer.decode(greedy_tokens(model, tokenizer, prompt, max_new_tokens), skip_special_tokens=True)
+
+
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens two 1-D token sequences share."""
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n

@@ -164,6 +164,21 @@ class OutlierReport:
     def share_of_features(self) -> float:
         return len(self.dims) / self.width
 
+    def by_block(self) -> tuple[list[str], list[tuple[str, dict[str, tuple[int, int]]]]]:
+        """The per-site counts as a grid: (site kinds, [(block, {kind: (large dims, outlier dims)})]).
+
+        A site's kind is its layer names without the block prefix and module path, e.g.
+        ``q_proj/k_proj/v_proj``; kinds are listed in model order, blocks too.
+        """
+        kinds, rows = [], {}
+        for names, large, outlier in zip(self.site_names, self.large_dims_per_site, self.outliers_per_site):
+            layer_names = names.split("+")
+            kind = "/".join(n.rsplit(".", 1)[-1] for n in layer_names)
+            if kind not in kinds:
+                kinds.append(kind)
+            rows.setdefault(block_of(layer_names[0]), {})[kind] = (large, outlier)
+        return kinds, list(rows.items())
+
     def to_dict(self) -> dict:
         return {
             "dims": self.dims,

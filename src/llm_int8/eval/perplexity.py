@@ -27,6 +27,8 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per token, nats
     n_tokens: int
     window_seconds: list[float] = field(default_factory=list)  # forward wall time per window
+    predictions: torch.Tensor | None = field(default=None, repr=False)  # int64 [n_windows, seq_len - 1]: argmax
+    top1_agreement: float | None = None  # share of predictions equal to a reference model's (see top1_agreement)
 
     @property
     def seconds_per_window(self) -> float:
@@ -38,6 +40,7 @@ class PerplexityResult:
             "nll": self.nll,
             "n_tokens": self.n_tokens,
             "median_seconds_per_window": self.seconds_per_window,
+            "top1_agreement": self.top1_agreement,
         }
 
 
@@ -56,7 +59,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: Progress | Non
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be int64 [n_windows, seq_len >= 2], got shape {tuple(windows.shape)}")
-    total_nll, n_tokens, seconds = 0.0, 0, []
+    total_nll, n_tokens, seconds, predictions = 0.0, 0, [], []
     for window in (progress or _identity)(list(windows)):
         ids = window.unsqueeze(0)
         start = time.perf_counter()
@@ -67,8 +70,22 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: Progress | Non
             raise FloatingPointError("the model produced non-finite logits; perplexity is undefined")
         total_nll += float(nll)
         n_tokens += ids.shape[1] - 1
+        predictions.append(logits[0, :-1].argmax(dim=-1))
     mean_nll = total_nll / n_tokens
-    return PerplexityResult(float(torch.tensor(mean_nll).exp()), mean_nll, n_tokens, seconds)
+    return PerplexityResult(float(torch.tensor(mean_nll).exp()), mean_nll, n_tokens, seconds, torch.stack(predictions))
+
+
+def top1_agreement(result: PerplexityResult, reference: PerplexityResult) -> float:
+    """Share of next-token predictions (argmax) of ``result`` equal to those of ``reference`` on the same
+    windows: how often a quantized model would pick the token the float model picks, given the same text."""
+    if result.predictions is None or reference.predictions is None:
+        raise ValueError("both results need their predictions (results of perplexity())")
+    if result.predictions.shape != reference.predictions.shape:
+        raise ValueError(
+            f"the results come from different windows: predictions {tuple(result.predictions.shape)} "
+            f"vs {tuple(reference.predictions.shape)}"
+        )
+    return float((result.predictions == reference.predictions).double().mean())
 
 
 @torch.inference_mode()

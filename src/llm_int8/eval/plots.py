@@ -41,15 +41,27 @@ def outlier_heatmap(report, path: Path) -> Path:
 
 
 def outliers_per_layer(report, path: Path) -> Path:
-    """Per site: dims reaching the threshold anywhere, and how many of them are outlier features."""
+    """Per transformer block, one bar per layer input (site kind): dims reaching the threshold anywhere,
+    and how many of them are outlier features."""
     plt = _pyplot()
+    kinds, blocks = report.by_block()
+    width = 0.8 / len(kinds)
     fig, ax = plt.subplots(figsize=(11, 4))
-    x = range(len(report.site_names))
-    ax.bar(x, report.large_dims_per_site, color="tab:gray", label=f"dims with |x| >= {report.threshold:g}")
-    ax.bar(x, report.outliers_per_site, color="tab:red", label="of which outlier features (§4.1)")
-    ax.set_xlabel("site (linear-layer input of the hidden width), in model order")
+    for k, kind in enumerate(kinds):
+        x = [b + (k - (len(kinds) - 1) / 2) * width for b in range(len(blocks))]
+        large = [cells.get(kind, (0, 0))[0] for _, cells in blocks]
+        outlier = [cells.get(kind, (0, 0))[1] for _, cells in blocks]
+        bars = ax.bar(x, large, width, label=f"{kind}: dims with |x| >= {report.threshold:g}")
+        ax.bar(x, outlier, width, color=bars.patches[0].get_facecolor() if bars.patches else None,
+               hatch="////", edgecolor="black", lw=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(importlib.import_module("matplotlib.patches").Patch(facecolor="white", hatch="////", edgecolor="black"))
+    labels.append("hatched: of which outlier features (§4.1)")
+    ax.set_xticks(range(len(blocks)))
+    ax.set_xticklabels([name.rsplit(".", 1)[-1] for name, _ in blocks])
+    ax.set_xlabel("transformer block")
     ax.set_ylabel("dims")
-    ax.legend()
+    ax.legend(handles, labels)
     ax.set_title("Large-magnitude dims per layer input")
     return _save(fig, path)
 
@@ -85,7 +97,8 @@ def weight_histograms(versions: dict[str, torch.Tensor], title: str, path: Path,
         ax.hist(original.numpy(), bins=bins, range=(lo, hi), color="tab:gray", alpha=0.6, label="original")
         ax.hist(versions[key].flatten().numpy(), bins=bins, range=(lo, hi), histtype="step", color="tab:red", label=key)
         ax.set_yscale("log")
-        ax.set_title(key)
+        error = float((versions[key].flatten() - original).norm() / original.norm())
+        ax.set_title(f"{key} (relative error {error:.4f})")
         ax.set_xlabel("weight value")
         ax.legend()
     axes[0].set_ylabel("count")

@@ -16,33 +16,39 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+Progress = Callable[[Iterable], Iterable]
 
-def timed_rounds(calls: Mapping[str, callable], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+
+def _identity(iterable):
+    return iterable
+
+
+def timed_rounds(
+    calls: Mapping[str, callable], repeats: int, warmup: int = 1, progress: Progress | None = None
+) -> dict[str, list[float]]:
     """Wall times of ``repeats`` rounds, each calling every function once in turn, after ``warmup``
-    untimed rounds (first-call allocations, lazy kernel builds)."""
+    untimed rounds (first-call allocations, lazy kernel builds). ``progress`` wraps the rounds."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     times = {name: [] for name in calls}
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    for _ in range(repeats):
+    for round_index in (progress or _identity)(range(warmup + repeats)):
         for name, fn in calls.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 
 @torch.inference_mode()
 def decode_tokens_per_second(
     models: Mapping[str, nn.Module], prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 5,
-    pad_token_id: int | None = None,
+    pad_token_id: int | None = None, progress: Progress | None = None,
 ) -> dict[str, float]:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``prompt_ids`` (int64 [1, T]).
 
@@ -59,16 +65,17 @@ def decode_tokens_per_second(
             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
         )
 
-    times = timed_rounds({name: call(m) for name, m in models.items()}, repeats)
+    times = timed_rounds({name: call(m) for name, m in models.items()}, repeats, progress=progress)
     return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
 def prefill_tokens_per_second(
-    models: Mapping[str, nn.Module], ids: torch.Tensor, repeats: int = 5, warmup: int = 1
+    models: Mapping[str, nn.Module], ids: torch.Tensor, repeats: int = 5, warmup: int = 1,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """One forward over ``ids`` (int64 [B, T]); returns tokens (B * T) per second."""
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"ids must be a non-empty int64 [B, T], got shape {tuple(ids.shape)}")
-    times = timed_rounds({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}, repeats, warmup)
+    times = timed_rounds({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}, repeats, warmup, progress)
     return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
