@@ -182,7 +182,7 @@ def cmd_plot_weights(args, progress):
     versions = ex.weight_versions(ex.layer_weight(args.model, args.gguf_file, args.layer))
     errors = {k: ex.relative_error(versions["original"], v) for k, v in versions.items() if k != "original"}
     print(_table(["quantization", "relative error ||W - deq(W)|| / ||W||"], [[k, f"{v:.5f}"] for k, v in errors.items()]))
-    print(f"wrote {plots.weight_histograms(versions, args.layer, Path(args.out) / 'weights.png')}")
+    print(f"wrote {plots.weight_histograms(versions, errors, args.layer, Path(args.out) / 'weights.png')}")
     _write_json(args.json, {"layer": args.layer, "relative_error": errors})
 
 

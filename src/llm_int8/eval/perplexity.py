@@ -5,18 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .speed import prefill_tokens_per_second
-
-Progress = Callable[[Iterable], Iterable]
-
-
-def _identity(iterable):
-    return iterable
+from .speed import Progress, _identity, prefill_tokens_per_second
 
 
 @dataclass

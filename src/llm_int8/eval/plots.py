@@ -51,9 +51,8 @@ def outliers_per_layer(report, path: Path) -> Path:
         x = [b + (k - (len(kinds) - 1) / 2) * width for b in range(len(blocks))]
         large = [cells.get(kind, (0, 0))[0] for _, cells in blocks]
         outlier = [cells.get(kind, (0, 0))[1] for _, cells in blocks]
-        bars = ax.bar(x, large, width, label=f"{kind}: dims with |x| >= {report.threshold:g}")
-        ax.bar(x, outlier, width, color=bars.patches[0].get_facecolor() if bars.patches else None,
-               hatch="////", edgecolor="black", lw=0.3)
+        ax.bar(x, large, width, color=f"C{k}", label=f"{kind}: dims with |x| >= {report.threshold:g}")
+        ax.bar(x, outlier, width, color=f"C{k}", hatch="////", edgecolor="black", lw=0.3)
     handles, labels = ax.get_legend_handles_labels()
     handles.append(importlib.import_module("matplotlib.patches").Patch(facecolor="white", hatch="////", edgecolor="black"))
     labels.append("hatched: of which outlier features (§4.1)")
@@ -86,8 +85,11 @@ def sweep_plot(rows: list[dict], fp32_perplexity: float | None, path: Path) -> P
     return _save(fig, path)
 
 
-def weight_histograms(versions: dict[str, torch.Tensor], title: str, path: Path, bins: int = 200) -> Path:
-    """Histogram of the original weight against each dequantized version (log counts)."""
+def weight_histograms(
+    versions: dict[str, torch.Tensor], errors: dict[str, float], title: str, path: Path, bins: int = 200
+) -> Path:
+    """Histogram of the original weight against each dequantized version (log counts); ``errors`` maps
+    each version to its relative error, shown in its panel's title."""
     plt = _pyplot()
     original = versions["original"].flatten()
     others = [k for k in versions if k != "original"]
@@ -97,8 +99,7 @@ def weight_histograms(versions: dict[str, torch.Tensor], title: str, path: Path,
         ax.hist(original.numpy(), bins=bins, range=(lo, hi), color="tab:gray", alpha=0.6, label="original")
         ax.hist(versions[key].flatten().numpy(), bins=bins, range=(lo, hi), histtype="step", color="tab:red", label=key)
         ax.set_yscale("log")
-        error = float((versions[key].flatten() - original).norm() / original.norm())
-        ax.set_title(f"{key} (relative error {error:.4f})")
+        ax.set_title(f"{key} (relative error {errors[key]:.4f})")
         ax.set_xlabel("weight value")
         ax.legend()
     axes[0].set_ylabel("count")
