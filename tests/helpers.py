@@ -87,3 +87,55 @@ def quantization_bound(x2, weight, weight_absmax, threshold):
     bound += x2.double().abs().sum(1)[:, None] * half_w[None, :]
     bound += k_main * half_x[:, None] * half_w[None, :]
     return bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid int8 layer states: every load path (Linear8bitLt.load_state_dict, llm_int8.checkpoint,
+# from_pretrained) refuses each of them with the same validator and message (llm_int8.saved_format).
+
+
+def layer_state() -> dict[str, torch.Tensor]:
+    """The state dict of a Linear8bitLt 8 -> 4 with bias, as fresh tensors."""
+    from torch import nn
+
+    from llm_int8 import Linear8bitLt
+
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in Linear8bitLt.from_linear(nn.Linear(8, 4)).state_dict().items()}
+
+
+def _scb(value):
+    def edit(state):
+        state["SCB"][1] = value
+
+    return edit
+
+
+def _fp_columns(cols, n_weight_cols=None):
+    def edit(state):
+        state["fp_cols"] = torch.tensor(cols, dtype=torch.int64)
+        state["fp_weight"] = torch.zeros(4, len(cols) if n_weight_cols is None else n_weight_cols)
+
+    return edit
+
+
+#: defect name -> (edit of layer_state() in place, regex the error must match)
+LAYER_DEFECTS = {
+    "nan scale": (_scb(float("nan")), "finite and >= 0"),
+    "inf scale": (_scb(float("inf")), "finite and >= 0"),
+    "negative scale": (_scb(-0.5), "finite and >= 0"),
+    "scale shape": (lambda s: s.update(SCB=s["SCB"][:3]), r"shape \[N\] = \[4\]"),
+    "integer scale": (lambda s: s.update(SCB=s["SCB"].to(torch.int32)), "must be a float tensor"),
+    "missing scale": (lambda s: s.pop("SCB"), "without its scales"),
+    "code -128": (lambda s: s["weight"].__setitem__((2, 5), -128), r"code -128 \(first at row 2, column 5\)"),
+    "3-D weight": (lambda s: s.update(weight=s["weight"].reshape(4, 2, 4)), "2-D int8"),
+    "weight_format": (lambda s: s.update(weight_format=torch.tensor(1, dtype=torch.uint8)), "weight_format"),
+    "bias shape": (lambda s: s.update(bias=s["bias"][:2]), "bias must be"),
+    "fp_cols alone": (lambda s: s.update(fp_cols=torch.tensor([1])), "together"),
+    "fp_cols range": (_fp_columns([9]), r"must lie in \[0, 8\)"),
+    "fp_cols negative": (_fp_columns([-1]), r"must lie in \[0, 8\)"),
+    "fp_cols repeated": (_fp_columns([3, 3]), "repeated columns"),
+    "fp_cols int32": (lambda s: s.update(fp_cols=torch.tensor([1], dtype=torch.int32), fp_weight=torch.zeros(4, 1)),
+                      "1-D int64"),
+    "fp_weight shape": (_fp_columns([1, 2], n_weight_cols=1), "fp_weight must be"),
+}

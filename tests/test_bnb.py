@@ -109,3 +109,17 @@ def test_bitsandbytes_reference_path_gives_nan_for_a_zero_row_and_we_do_not():
     codes, _, _ = bnb.functional.int8_vectorwise_quant(x)  # 0 * (127 / 0) = NaN before the int8 cast
     theirs_codes = F.int8_vectorwise_quant(x)[0]
     assert torch.equal(theirs_codes[1], torch.zeros(64, dtype=torch.int8))
+
+
+def test_api_shapes_match_bitsandbytes_functional():
+    """Code written against bitsandbytes.functional runs unchanged: row stats come back flat [M] for an
+    N-D input, as bitsandbytes returns them, and int8_mm_dequant takes its [M, 1] / [N, 1] stats."""
+    x = make_input(6, 64, torch.float16).reshape(2, 3, 64)
+    codes, stats, _ = F.int8_vectorwise_quant(x)
+    their_codes, their_stats, _ = bnb.functional.int8_vectorwise_quant(x.reshape(6, 64))
+    assert codes.shape == x.shape and stats.shape == their_stats.shape == (6,)
+    assert torch.equal(codes.reshape(6, 64), their_codes) and torch.equal(stats, their_stats)
+    weight_int8, weight_absmax = F.quantize_weight(make_input(8, 64, seed=3))
+    acc = F.int8_linear_matmul(codes.reshape(6, 64), weight_int8)
+    flat = F.int8_mm_dequant(acc, stats, weight_absmax)
+    assert torch.equal(F.int8_mm_dequant(acc, stats.view(6, 1), weight_absmax.view(8, 1)), flat)

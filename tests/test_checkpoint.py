@@ -17,6 +17,7 @@ from torch import nn
 
 import llm_int8
 from llm_int8 import Linear8bitLt
+from helpers import LAYER_DEFECTS, layer_state
 from llm_int8.checkpoint import CheckpointError, load_checkpoint, load_state_dict, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("restore_torch_rng")  # leave the global RNG as found
@@ -214,45 +215,10 @@ def test_missing_file_and_missing_directory(tmp_path, saved):
 # Validation before use: files written behind our back (no checksum), one defect each
 
 
-def _layer_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return {k: v.clone() for k, v in Linear8bitLt.from_linear(nn.Linear(8, 4)).state_dict().items()}
-
-
-def _scb(value):
-    def edit(state):
-        state["SCB"][1] = value
-
-    return edit
-
-
-DEFECTS = {
-    "nan scale": (_scb(float("nan")), "finite and >= 0"),
-    "inf scale": (_scb(float("inf")), "finite and >= 0"),
-    "negative scale": (_scb(-0.5), "finite and >= 0"),
-    "scale shape": (lambda s: s.update(SCB=s["SCB"][:3]), r"shape \[N\] = \[4\]"),
-    "integer scale": (lambda s: s.update(SCB=s["SCB"].to(torch.int32)), "must be a float tensor"),
-    "missing scale": (lambda s: s.pop("SCB"), "without its scales"),
-    "code -128": (lambda s: s["weight"].__setitem__((0, 0), -128), "-128"),
-    "3-D weight": (lambda s: s.update(weight=s["weight"].reshape(4, 2, 4)), "2-D int8"),
-    "weight_format": (lambda s: s.update(weight_format=torch.tensor(1, dtype=torch.uint8)), "weight_format"),
-    "bias shape": (lambda s: s.update(bias=s["bias"][:2]), "bias must be"),
-    "fp_cols alone": (lambda s: s.update(fp_cols=torch.tensor([1])), "together"),
-    "fp_cols range": (
-        lambda s: s.update(fp_cols=torch.tensor([9]), fp_weight=torch.zeros(4, 1)),
-        r"must lie in \[0, 8\)",
-    ),
-    "fp_weight shape": (
-        lambda s: s.update(fp_cols=torch.tensor([1, 2]), fp_weight=torch.zeros(4, 1)),
-        "fp_weight must be",
-    ),
-}
-
-
-@pytest.mark.parametrize("defect", sorted(DEFECTS))
+@pytest.mark.parametrize("defect", sorted(LAYER_DEFECTS))
 def test_invalid_contents_are_refused_before_use(tmp_path, defect):
-    edit, message = DEFECTS[defect]
-    state = _layer_state()
+    edit, message = LAYER_DEFECTS[defect]
+    state = layer_state()
     edit(state)
     path = tmp_path / "bad.safetensors"
     safetensors.torch.save_file(state, path)
@@ -274,7 +240,7 @@ def test_save_refuses_corrupt_scales(tmp_path):
 
 def test_foreign_checkpoint_without_checksum_loads(tmp_path):
     """bitsandbytes-style files (same keys, no llm_int8 metadata) load after validation."""
-    state = _layer_state()
+    state = layer_state()
     path = tmp_path / "bnb.safetensors"
     safetensors.torch.save_file(state, path)
     layer = Linear8bitLt(8, 4)

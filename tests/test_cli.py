@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llm_int8 import cli
+from llm_int8.checkpoint import load_state_dict
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -100,7 +101,7 @@ def test_plot_weights_unknown_layer_lists_some(tiny, capsys):
 
 
 def test_calibrate_saves_a_loadable_checkpoint(tiny, tmp_path):
-    save, out = tmp_path / "int8.pt", tmp_path / "c.json"
+    save, out = tmp_path / "int8.safetensors", tmp_path / "c.json"
     assert _run(tiny, "calibrate", "--save", str(save), "--json", str(out), "--calib-budget", "5") == 0
     result = json.loads(out.read_text())
     plan, memory = result["plan"], result["memory_bytes"]
@@ -109,7 +110,9 @@ def test_calibrate_saves_a_loadable_checkpoint(tiny, tmp_path):
     assert 0 < plan["fp_bytes"] <= 0.05 * plan["int8_bytes"]
     assert plan["int8_bytes"] == memory["int8"]  # the budget is counted on the real int8 footprint
     assert memory["int8_calibrated"] == memory["int8"] + plan["fp_bytes"]
-    state = torch.load(save)
+    with open(save, "rb") as f:  # written by the safe writer: safetensors with our checksum
+        assert f.read(9)[8:] == b"{"
+    state = load_state_dict(save)  # validated, checksum verified
     assert state["model.layers.0.self_attn.q_proj.fp_cols"].tolist() == [5]
     assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
 

@@ -354,7 +354,13 @@ def test_save_then_load_is_bit_identical(checkpoints, arch, input_ids, tmp_path)
     q = _load(checkpoints[arch], quantization_config=LLMInt8Config(threshold=5.5))
     q.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved == {"quant_method": "llm_int8", "threshold": 5.5, "skip_modules": None}
+    # declared as a bitsandbytes 8-bit checkpoint (its tensors are bitsandbytes'), with our own fields beside
+    head = "lm_head"
+    assert saved == {
+        "quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": 5.5,
+        "llm_int8_skip_modules": [head], "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8": {"version": 1, "threshold": 5.5, "skip_modules": None, "unconverted_modules": [head]},
+    }
     prefix = "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         assert f.get_tensor(f"{prefix}.weight").dtype == torch.int8

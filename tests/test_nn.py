@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import make_input
+from helpers import LAYER_DEFECTS, layer_state, make_input
 from llm_int8 import Linear8bitLt
 from llm_int8 import functional as F
 
@@ -68,19 +68,33 @@ def test_load_state_dict_with_assign_onto_meta():
     assert torch.equal(meta(x), layer(x))
 
 
+@pytest.mark.parametrize("defect", sorted(LAYER_DEFECTS))
+def test_invalid_int8_states_are_refused_naming_the_layer(defect):
+    """The state-dict path refuses what llm_int8.checkpoint refuses, with the same message."""
+    edit, message = LAYER_DEFECTS[defect]
+    model = nn.Sequential(Linear8bitLt(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {f"0.{k}": v for k, v in _edited(layer_state(), edit).items()}
+    with pytest.raises(RuntimeError, match=rf"(?s)\n\t0: .*{message}"):
+        model.load_state_dict(state)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a refused state must not touch the layer"
+
+
+def _edited(state, edit):
+    edit(state)
+    return state
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        (lambda sd: sd.update(weight=sd["weight"][:, :10]), "weight has shape"),
-        (lambda sd: sd.pop("SCB"), "SCB is missing"),
-        (lambda sd: sd.update(SCB=sd["SCB"][:3]), "SCB must be a float tensor of shape"),
-        (lambda sd: sd.update(SCB=-sd["SCB"]), "finite and >= 0"),
-        (lambda sd: sd.update(weight_format=torch.tensor(2, dtype=torch.uint8)), "weight_format 2"),
-        (lambda sd: sd.update(bias=torch.zeros(5)), "bias has shape"),
+        (lambda sd: sd.update(weight=sd["weight"][:, :10]), r"weight has shape \(32, 10\)"),
         (lambda sd: sd.update(weight=sd["weight"].int()), "weight must be int8"),
+        (lambda sd: sd.update(weight=sd["weight"].float()), "float weight together with SCB"),
     ],
 )
-def test_bad_state_dicts_raise_with_the_reason(mutate, message):
+def test_state_dicts_that_do_not_fit_the_layer_raise_with_the_reason(mutate, message):
     sd = dict(Linear8bitLt.from_linear(linear()).state_dict())
     mutate(sd)
     with pytest.raises(RuntimeError, match=message):
@@ -271,3 +285,38 @@ def test_fast_path_skips_meta_weights_and_other_devices():
     cpu_layer = Linear8bitLt(16, 8)
     with torch.no_grad(), pytest.raises((RuntimeError, ValueError)):
         cpu_layer(torch.randn(3, 16, device="meta"))  # a meta input never reaches the CPU kernel
+
+
+MOVES = {
+    ".half()": lambda m: m.half(),
+    ".bfloat16()": lambda m: m.bfloat16(),
+    ".float()": lambda m: m.float(),
+    ".double()": lambda m: m.double(),
+    ".to(torch.float16)": lambda m: m.to(torch.float16),
+    ".to(torch.bfloat16)": lambda m: m.to(torch.bfloat16),
+    ".to('cpu', torch.float16)": lambda m: m.to("cpu", torch.float16),
+    ".to(dtype=torch.float64)": lambda m: m.to(dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("move", sorted(MOVES))
+def test_dtype_moves_keep_the_quantized_state_bit_identical(move):
+    """.half() / .to(dtype) convert the bias, as for nn.Linear; never the int8 codes, the float32 scales or
+    the stored fp columns (converting the scales rounded every row's: outputs changed by up to 2e-3)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    layer = Linear8bitLt.from_linear(lin)
+    layer.set_fp_columns(torch.tensor([3, 100]), lin.weight.detach().half())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    model = nn.Sequential(layer)
+    MOVES[move](model)
+    after = layer.state_dict()
+    for key in ("weight", "SCB", "weight_format", "fp_cols", "fp_weight"):
+        assert after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]), key
+    dtype = layer.bias.dtype
+    assert dtype != torch.float32 or move in (".float()",)
+    assert torch.equal(layer.bias, before["bias"].to(dtype))
+    x = make_input(3, 256, n_outlier_cols=1).to(dtype if dtype != torch.float64 else torch.float32)
+    want = F.int8_mixed_linear(x, before["weight"], before["SCB"], before["bias"].to(dtype), 6.0,
+                               before["fp_cols"], before["fp_weight"])
+    assert torch.equal(model(x), want)

@@ -12,7 +12,8 @@ Safety, point by point:
 * Every checkpoint this module writes carries a SHA-256 of its tensors (names, dtypes, shapes
   and bytes) in the safetensors metadata; a file whose tensors do not match it is reported corrupt.
 * Before a state dict is used, each int8 linear layer in it (a ``weight`` with an ``SCB``) is
-  checked: int8 codes in [-127, 127] of shape [N, K], float scales of shape [N] that are finite
+  checked by :func:`llm_int8.saved_format.validate_int8_layer`, the validator every load path
+  shares: int8 codes in [-127, 127] of shape [N, K], float scales of shape [N] that are finite
   and >= 0, a row-major ``weight_format``, bias and calibrated columns of matching shapes. Given
   the module, every key, shape and dtype kind is checked against it as well.
 * A save writes a temporary file in the destination's directory, fsyncs it, and renames it over
@@ -40,24 +41,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._ops import INT8_MAX
+from . import saved_format
+from .saved_format import CheckpointError
 
 # Metadata keys written into every checkpoint (safetensors metadata is str -> str).
 META_FORMAT = "format"  # "pt", as transformers writes it
 META_VERSION = "llm_int8.version"
 META_SHA256 = "llm_int8.sha256"
 META_ALIASES = "llm_int8.aliases"  # JSON {dropped_key: kept_key} for tensors that share memory
-# The int8 linear state-dict entries (bitsandbytes' key names, see nn.Linear8bitLt).
-SCALE_KEY = "SCB"
-WEIGHT_FORMAT_ROW = 0
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 PICKLE_PROTO_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
 SAFETENSORS_HEADER_BYTES = 8  # little-endian u64 header length, then a JSON header starting with "{"
 HASH_CHUNK_BYTES = 1 << 24
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or whose contents are invalid for an int8 model."""
 
 
 def _safetensors():
@@ -80,83 +75,20 @@ def _int8_layer_prefixes(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
         prefix = prefix + "." if prefix else ""
-        if leaf == SCALE_KEY or (leaf == "weight" and value.dtype == torch.int8):
+        if leaf == saved_format.SCALE or (leaf == saved_format.WEIGHT and value.dtype == torch.int8):
             prefixes.add(prefix)
     return sorted(prefixes)
 
 
-INVALID_REMEDY = (
-    "the file is corrupt or was not written for this format: restore it from a backup, or re-save it with "
-    "llm_int8.checkpoint.save_checkpoint from the model converted by llm_int8.quantize_"
-)
-
-
-def _invalid(where: str, problem: str) -> CheckpointError:
-    return CheckpointError(f"{where}: {problem}; {INVALID_REMEDY}")
-
-
 def _validate_int8_layer(state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
-    where = prefix[:-1] or "the top-level module"
-    weight, scale = state_dict.get(prefix + "weight"), state_dict.get(prefix + SCALE_KEY)
-    if weight is None:
-        raise _invalid(where, f"has {prefix}{SCALE_KEY} but no {prefix}weight")
-    if scale is None:
-        raise _invalid(where, f"int8 weight without its scales (no {prefix}{SCALE_KEY})")
-    if weight.dtype != torch.int8 or weight.dim() != 2:
-        raise _invalid(
-            where,
-            f"weight must be a 2-D int8 tensor [N, K] next to {SCALE_KEY}, got {weight.dtype} "
-            f"{tuple(weight.shape)}",
-        )
-    n, k = weight.shape
-    if weight.numel() and int(weight.min()) < -INT8_MAX:
-        raise _invalid(where, "weight holds the code -128, outside the symmetric range [-127, 127] this format uses")
-    if not scale.is_floating_point() or tuple(scale.shape) != (n,):
-        raise _invalid(
-            where,
-            f"{SCALE_KEY} (weight row absmax) must be a float tensor of shape [N] = [{n}], "
-            f"got {scale.dtype} {tuple(scale.shape)}"
-        )
-    bad = ~torch.isfinite(scale) | (scale < 0)
-    if bool(bad.any()):
-        rows = bad.nonzero().view(-1)[:5].tolist()
-        raise _invalid(
-            where,
-            f"{SCALE_KEY} must be finite and >= 0 (a row absmax), but rows {rows} hold "
-            f"{scale[bad][:5].tolist()}"
-        )
-    weight_format = state_dict.get(prefix + "weight_format")
-    if weight_format is not None and (weight_format.numel() != 1 or int(weight_format) != WEIGHT_FORMAT_ROW):
-        raise _invalid(
-            where,
-            f"weight_format must be {WEIGHT_FORMAT_ROW} (row-major), got {weight_format.tolist()}; "
-            "other layouts (bitsandbytes' col32/turing formats) are not supported"
-        )
-    bias = state_dict.get(prefix + "bias")
-    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (n,)):
-        raise _invalid(where, f"bias must be a float tensor of shape [{n}], got {bias.dtype} {tuple(bias.shape)}")
-    fp_cols, fp_weight = state_dict.get(prefix + "fp_cols"), state_dict.get(prefix + "fp_weight")
-    if (fp_cols is None) != (fp_weight is None):
-        raise _invalid(where, "fp_cols and fp_weight must be stored together; one is missing")
-    if fp_cols is not None:
-        if fp_cols.dtype != torch.int64 or fp_cols.dim() != 1:
-            raise _invalid(where, f"fp_cols must be a 1-D int64 tensor, got {fp_cols.dtype} {tuple(fp_cols.shape)}")
-        if fp_cols.numel() and (int(fp_cols.min()) < 0 or int(fp_cols.max()) >= k):
-            raise _invalid(where, f"fp_cols must lie in [0, {k}), got {fp_cols.tolist()[:10]}")
-        if fp_cols.unique().numel() != fp_cols.numel():
-            raise _invalid(where, "fp_cols holds repeated columns")
-        if not fp_weight.is_floating_point() or tuple(fp_weight.shape) != (n, fp_cols.numel()):
-            raise _invalid(
-                where,
-                f"fp_weight must be a float tensor [N, len(fp_cols)] = [{n}, {fp_cols.numel()}], "
-                f"got {fp_weight.dtype} {tuple(fp_weight.shape)}"
-            )
+    tensors = {leaf: state_dict.get(prefix + leaf) for leaf in saved_format.LAYER_KEYS}
+    saved_format.validate_int8_layer(tensors, prefix[:-1] or "the top-level module")
 
 
 def _validate_against_module(state_dict: Mapping[str, torch.Tensor], module: nn.Module, strict: bool) -> None:
     expected = module.state_dict(keep_vars=True)
     # A calibrated Linear8bitLt holds fp_cols/fp_weight; an uncalibrated one accepts them on load.
-    optional = {p + leaf for p in _int8_layer_prefixes(expected) for leaf in ("fp_cols", "fp_weight")}
+    optional = {p + leaf for p in _int8_layer_prefixes(expected) for leaf in (saved_format.FP_COLS, saved_format.FP_WEIGHT)}
     if strict:
         missing = sorted(set(expected) - set(state_dict) - optional)
         unexpected = sorted(set(state_dict) - set(expected) - optional)

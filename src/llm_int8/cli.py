@@ -199,7 +199,8 @@ def cmd_calibrate(args, progress):
     print(_ppl_table(payload, {n: METHODS[n].label for n in results}))
     if args.save:
         ex.save_calibrated(work, plan, args.save)
-        print(f"wrote {args.save} (state dict with fp_cols / fp_weight buffers)")
+        print(f"wrote {args.save} (safetensors checkpoint with fp_cols / fp_weight; read it with "
+              "llm_int8.checkpoint.load_checkpoint)")
     _write_json(args.json, {"plan": plan, "memory_bytes": memory, "perplexity": payload})
 
 
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", cmd_calibrate, "choose the input columns kept in 16 bit on held-out windows, compare perplexity",
         windows=4, calibrated=True,
     )
-    cal.add_argument("--save", default=None, metavar="PATH", help="torch.save the calibrated int8 state dict here")
+    cal.add_argument("--save", default=None, metavar="PATH", help="write the calibrated int8 model here as a safe checkpoint (safetensors; "
+                     "llm_int8.checkpoint.load_checkpoint reads it)")
     return parser
 
 

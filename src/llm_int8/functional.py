@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
+from . import cpu, reference, saved_format  # noqa: F401  (importing cpu and reference registers their kernels)
 from ._ops import DIRECT_MIXED_BINDERS, DIRECT_MIXED_KERNELS, INT8_MAX
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -219,14 +219,14 @@ def int8_vectorwise_quant(
     Values with |x| >= threshold (threshold > 0) are outliers: they are left out of their row's
     absmax, and every column holding one is an outlier column whose codes are all 0 (it belongs to
     the 16-bit part of the decomposition). fp16, bf16 and fp32 are quantized from their own values,
-    never cast through fp16. Returns (x_int8 [..., K], x_absmax float32 [...], outlier_cols int64
-    [n_outliers], sorted; empty when threshold is 0).
+    never cast through fp16. Returns (x_int8 [..., K], x_absmax float32 [M] with M the product of
+    the leading dims (flat, as bitsandbytes returns its row stats), outlier_cols int64 [n_outliers],
+    sorted; empty when threshold is 0).
     """
     _check_float_input(x)
     threshold = _check_threshold(threshold)
-    x2 = _as_rows(x)
-    x_int8, x_absmax, outlier_cols = _ops.int8_vectorwise_quant(x2, threshold)
-    return x_int8.reshape(x.shape), x_absmax.reshape(x.shape[:-1]), outlier_cols
+    x_int8, x_absmax, outlier_cols = _ops.int8_vectorwise_quant(_as_rows(x), threshold)
+    return x_int8.reshape(x.shape), x_absmax, outlier_cols
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,14 +274,21 @@ def int8_mm_dequant(
 ) -> torch.Tensor:
     """acc int32 [M, N] -> ``acc * x_absmax[:, None] * w_absmax[None, :] / 127**2 + bias`` in out_dtype.
 
-    Computed in float32 and rounded once to out_dtype.
+    x_absmax [M] and w_absmax [N] (bitsandbytes' [M, 1] / [N, 1] are accepted too). Computed in
+    float32 and rounded once to out_dtype.
     """
     if acc.dtype != torch.int32 or acc.dim() != 2:
         raise TypeError(f"acc must be a 2-D int32 tensor [M, N], got {acc.dtype} {tuple(acc.shape)}")
     m, n = acc.shape
+    # bitsandbytes passes row / column stats as [M, 1] / [N, 1]; both layouts mean the same vectors.
+    if x_absmax.shape == (m, 1):
+        x_absmax = x_absmax.view(m)
+    if w_absmax.shape == (n, 1):
+        w_absmax = w_absmax.view(n)
     if x_absmax.shape != (m,) or w_absmax.shape != (n,):
         raise ValueError(
-            f"x_absmax must be [M] = [{m}] and w_absmax [N] = [{n}]; got {tuple(x_absmax.shape)}, {tuple(w_absmax.shape)}"
+            f"x_absmax must be [M] (or [M, 1]) = [{m}] and w_absmax [N] (or [N, 1]) = [{n}]; "
+            f"got {tuple(x_absmax.shape)}, {tuple(w_absmax.shape)}"
         )
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
@@ -304,39 +311,52 @@ def int8_mixed_linear(
     x [..., K] fp16/bf16/fp32; weight_int8 [N, K]; weight_absmax [N]. Every input column of x
     holding a value with |x| >= threshold leaves the int8 product and is multiplied in float32
     against the matching (dequantized) weight columns; the rest goes through the vector-wise int8
-    GEMM. ``fp_cols`` [F] (int64) with ``fp_weight`` [N, F] name columns that always take the float
-    path, against stored 16/32-bit weight columns (calibrated outlier dims). Output in x's dtype,
-    shape [..., N]. Differentiable w.r.t. x and bias (the weight is frozen).
+    GEMM. ``fp_cols`` [F] (int64, distinct, in [0, K)) with ``fp_weight`` [N, F] name columns that
+    always take the float path, against stored 16/32-bit weight columns (calibrated outlier dims).
+    Output in x's dtype, shape [..., N]. Differentiable w.r.t. x and bias (the weight is frozen).
+
+    The values of ``fp_cols`` are checked on every eager call (one host sync); under
+    ``torch.compile`` they are not, so compiled code should hold its columns in a ``Linear8bitLt``,
+    which checks them once, when they are set.
     """
-    _check_float_input(x)
     _check_int8_weight(weight_int8, weight_absmax)
     threshold = _check_threshold(threshold)
     n, k = weight_int8.shape
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"x has {x.shape[-1]} features in its last dim but the weight expects K = {k} "
-            f"(x {tuple(x.shape)}, weight [N, K] = {tuple(weight_int8.shape)})"
-        )
+    check_linear_input(x, (n, k), weight_int8.device)
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
-    if (fp_cols is None) != (fp_weight is None):
-        raise ValueError("fp_cols and fp_weight go together: pass both or neither")
-    if fp_cols is not None and (fp_cols.dim() != 1 or fp_weight.shape != (n, fp_cols.numel())):
-        raise ValueError(
-            f"fp_cols must be 1-D [F] and fp_weight [N, F] = [{n}, {fp_cols.numel()}]; "
-            f"got {tuple(fp_cols.shape)} and {tuple(fp_weight.shape)}"
-        )
-    if fp_cols is not None:
-        if fp_cols.dtype != torch.int64:
-            raise TypeError(f"fp_cols must be int64 column indices, got {fp_cols.dtype}; convert with fp_cols.long()")
-        if not fp_weight.is_floating_point():
-            raise TypeError(f"fp_weight must be a float tensor (the float weight's columns fp_cols), got {fp_weight.dtype}")
-        if fp_cols.numel() and (int(fp_cols.min()) < 0 or int(fp_cols.max()) >= k):
-            raise ValueError(f"fp_cols must lie in [0, K) = [0, {k}), got {fp_cols.tolist()[:10]}")
     _check_same_device(x=x, weight_int8=weight_int8, weight_absmax=weight_absmax, bias=bias)
-    x2 = _as_rows(x)
-    out = _ops.int8_mixed_linear(x2, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
-    return out.reshape(*x.shape[:-1], n)
+    if fp_cols is not None or fp_weight is not None:
+        for name, t in (("fp_cols", fp_cols), ("fp_weight", fp_weight)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        # Under torch.compile, shapes and dtypes only: the values would need a host sync (a graph break).
+        saved_format.validate_fp_columns(
+            fp_cols, fp_weight, n, k, "int8_mixed_linear", remedy=_FP_COLS_REMEDY,
+            check_values=not torch.compiler.is_compiling(), error=ValueError,
+        )
+    return mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+
+
+_FP_COLS_REMEDY = "pass distinct int64 column indices in [0, K) and their float weight columns [N, F]"
+
+
+def check_linear_input(x: torch.Tensor, weight_shape: tuple[int, int], device: torch.device) -> None:
+    """x must be a float tensor [..., K] on ``device``, for a weight [N, K] (no host sync: safe on every call)."""
+    _check_float_input(x)
+    if x.shape[-1] != weight_shape[1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dim but the weight expects K = {weight_shape[1]} "
+            f"(x {tuple(x.shape)}, weight [N, K] = {tuple(weight_shape)})"
+        )
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the weight is on {device}; move them with .to(device)")
+
+
+def mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight) -> torch.Tensor:
+    """The ``int8_mixed_linear`` op on x [..., K] -> [..., N], arguments already checked."""
+    out = _ops.int8_mixed_linear(_as_rows(x), weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+    return out.reshape(*x.shape[:-1], weight_int8.shape[0])
 
 
 # --------------------------------------------------------------------------------------------

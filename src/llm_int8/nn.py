@@ -8,15 +8,16 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import saved_format
 from .functional import _check_threshold
-
-WEIGHT_FORMAT_ROW = 0  # bitsandbytes' code for a row-major int8 weight, the only layout there is
+from .saved_format import FP_COLS, FP_WEIGHT, LAYER_KEYS, SCALE, WEIGHT, weight_format_tensor
 
 
 class Linear8bitLt(nn.Module):
     """``y = x @ W.T + b`` with W stored as vector-wise int8 and the LLM.int8() decomposition.
 
-    State (the state-dict keys are bitsandbytes' ``Linear8bitLt`` keys, so checkpoints move both ways):
+    State (the state-dict keys are bitsandbytes' ``Linear8bitLt`` keys, so checkpoints move both ways;
+    :mod:`llm_int8.saved_format` owns them and the rules every load path checks):
 
     * ``weight``: int8 [out_features, in_features], a frozen parameter (so device maps move it);
     * ``SCB``: float32 [out_features], each weight row's absmax (bitsandbytes' historical name for
@@ -27,7 +28,13 @@ class Linear8bitLt(nn.Module):
       take the 16/32-bit path, and the float weight columns [out_features, F] they multiply.
 
     Inputs may be fp16, bf16 or fp32, 2-D or N-D; the output has x's dtype. Train and eval modes
-    run the same code. Loading an ``nn.Linear`` state dict (float ``weight``) quantizes it.
+    run the same code. Loading an ``nn.Linear`` state dict (float ``weight``) quantizes it. Moving the
+    module to another dtype (``.half()``, ``.to(torch.bfloat16)``) converts the bias only: the int8
+    weight, the float32 scales and the stored fp columns keep their dtypes, bit for bit.
+
+    Defaults differ from bitsandbytes' ``Linear8bitLt`` on purpose: ``threshold=6.0`` (the paper's
+    alpha; bitsandbytes defaults to 0.0, no decomposition) and ``has_fp16_weights=False`` (the int8
+    weight is frozen; bitsandbytes defaults to True, a trainable 16-bit weight quantized per call).
     """
 
     _bound = None  # F.BoundMixedKernel of the eager fast path, built on first use (per instance)
@@ -59,7 +66,7 @@ class Linear8bitLt(nn.Module):
             torch.empty((out_features, in_features), dtype=torch.int8, device=device), requires_grad=False
         )
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("weight_format", torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_format", weight_format_tensor(device))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32, device=device))
         else:
@@ -107,17 +114,23 @@ class Linear8bitLt(nn.Module):
         weight_int8, weight_absmax = F.quantize_weight(weight)
         self.weight = nn.Parameter(weight_int8, requires_grad=False)
         self.SCB = weight_absmax
-        self.weight_format = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=weight.device)
+        self.weight_format = weight_format_tensor(weight.device)
 
     def set_fp_columns(self, cols: torch.Tensor, weight: torch.Tensor) -> None:
-        """Keep input columns ``cols`` always in float, multiplied by ``weight[:, cols]`` (float [N, K])."""
+        """Keep input columns ``cols`` always in float, multiplied by ``weight[:, cols]`` (float [N, K]).
+
+        The columns are checked here, once (distinct after sorting, in [0, in_features)), so that the
+        forward does not have to look at their values on every call.
+        """
         cols = torch.as_tensor(cols, dtype=torch.int64, device=self.weight.device).unique()
-        if cols.numel() and (cols.min() < 0 or cols.max() >= self.in_features):
-            raise ValueError(f"fp columns must lie in [0, {self.in_features}), got {cols.tolist()}")
         if weight.shape != self.weight.shape:
             raise ValueError(f"weight must be the float weight {tuple(self.weight.shape)}, got {tuple(weight.shape)}")
-        self.fp_cols = cols
-        self.fp_weight = weight.detach()[:, cols].to(torch.float16 if weight.dtype == torch.float16 else weight.dtype)
+        saved_format.validate_fp_columns(  # before indexing the weight with them
+            cols, torch.empty(self.out_features, cols.numel(), dtype=weight.dtype, device="meta"),
+            self.out_features, self.in_features, "Linear8bitLt.set_fp_columns",
+            remedy=f"pass input column indices in [0, in_features = {self.in_features})", error=ValueError,
+        )
+        self.fp_cols, self.fp_weight = cols, weight.detach()[:, cols]
 
     # ----------------------------------------------------------------------------------------
     # Forward
@@ -139,7 +152,9 @@ class Linear8bitLt(nn.Module):
                 bound = self._bound = F.BoundMixedKernel(weight, scb, bias, self.threshold, fp_cols, fp_weight)
             if bound.fn is not None and x.device == bound.device and x.ndim > 0 and x.shape[-1] == self.in_features:
                 return bound.fn(x)
-        return F.int8_mixed_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
+        # autograd, torch.compile, modes: the op, with x checked (the layer's own tensors were checked when set)
+        F.check_linear_input(x, (self.out_features, self.in_features), self.weight.device)
+        return F.mixed_linear_op(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -161,33 +176,44 @@ class Linear8bitLt(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) convert every float buffer; the weight scales stay float32.
-        super()._apply(fn, recurse)
-        if self.SCB.dtype != torch.float32:
-            self.SCB = self.SCB.float()
+        # Module._apply converts every float tensor (.half(), .to(dtype)); the quantized state keeps its
+        # dtypes bit for bit (SCB float32, fp_weight as stored) and only follows device moves.
+        kept = {name: self._buffers[name] for name in (SCALE, FP_WEIGHT) if self._buffers.get(name) is not None}
+        for name in kept:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(kept)
+            raise
+        for name, tensor in kept.items():
+            moved = fn(tensor)
+            self._buffers[name] = moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
         return self
 
     # ----------------------------------------------------------------------------------------
-    # State dict: bitsandbytes' keys; a float nn.Linear state dict is quantized on load.
+    # State dict: bitsandbytes' keys (llm_int8.saved_format); a float nn.Linear state dict is quantized on load.
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        own = ("weight", "bias", "SCB", "weight_format", "fp_cols", "fp_weight")
         if strict:
             for key in state_dict:
-                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in own:
+                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in LAYER_KEYS:
                     unexpected_keys.append(key)
         assign = local_metadata.get("assign_to_params_buffers", False)
         try:
-            tensors = self._validated_state(state_dict, prefix, missing_keys, unexpected_keys)
+            tensors = self._state_to_load(state_dict, prefix, missing_keys, unexpected_keys)
         except (TypeError, ValueError) as err:
-            error_msgs.append(f"{prefix or 'Linear8bitLt'}: {err}")
+            error_msgs.append(str(err))
             return
         with torch.no_grad():
             for name, value in tensors.items():
+                if value is None:  # no fp columns in the state: the layer has none either
+                    setattr(self, name, None)
+                    continue
                 current = getattr(self, name)
-                if assign or current is None or current.is_meta or name in ("fp_cols", "fp_weight"):
+                if assign or current is None or current.is_meta or name in (FP_COLS, FP_WEIGHT):
                     # Take the tensor as it comes (assign, meta skeletons); fp columns vary in size.
                     if not assign and not self.weight.is_meta:
                         value = value.to(self.weight.device)
@@ -197,50 +223,44 @@ class Linear8bitLt(nn.Module):
                 else:
                     current.copy_(value)
 
-    def _validated_state(self, state_dict, prefix, missing_keys, unexpected_keys) -> dict:
-        n, k = self.out_features, self.in_features
-        weight = state_dict.get(prefix + "weight")
-        scb = state_dict.get(prefix + "SCB")
+    def _state_to_load(self, state_dict, prefix, missing_keys, unexpected_keys) -> dict:
+        """The tensors to load from ``state_dict``, checked by :func:`saved_format.validate_int8_layer`."""
+        where = prefix[:-1] or "Linear8bitLt"
+        saved = {leaf: state_dict.get(prefix + leaf) for leaf in LAYER_KEYS}
+        weight, bias = saved[WEIGHT], saved["bias"]
         out = {}
         if weight is None:
-            missing_keys.append(prefix + "weight")
-        elif tuple(weight.shape) != (n, k):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [out_features, in_features] = [{n}, {k}]")
-        elif weight.is_floating_point():
-            if scb is not None:
-                raise ValueError("found a float weight together with SCB; a quantized checkpoint stores an int8 weight")
-            out["weight"], out["SCB"] = F.quantize_weight(weight)
-        elif weight.dtype == torch.int8:
-            if scb is None:
-                raise ValueError(f"int8 weight without its scales: the key {prefix}SCB is missing")
-            out["weight"] = weight
+            missing_keys.append(prefix + WEIGHT)
+        elif weight.is_floating_point():  # an nn.Linear state dict: quantize it
+            extra = [leaf for leaf in (SCALE, FP_COLS, FP_WEIGHT) if saved[leaf] is not None]
+            if extra:
+                raise ValueError(
+                    f"{where}: found a float weight together with {', '.join(extra)}; a quantized checkpoint stores "
+                    "an int8 weight (an nn.Linear state dict holds only weight and bias)"
+                )
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{where}: weight has shape {tuple(weight.shape)}, expected [out_features, in_features] = "
+                    f"[{self.out_features}, {self.in_features}]"
+                )
+            out[WEIGHT], out[SCALE] = F.quantize_weight(weight)
+            out["weight_format"] = weight_format_tensor()
+            out[FP_COLS] = out[FP_WEIGHT] = None
+        elif weight.dtype != torch.int8:
+            raise TypeError(f"{where}: weight must be int8 (quantized) or float (to quantize), got {weight.dtype}")
         else:
-            raise TypeError(f"weight must be int8 (quantized) or float (to quantize), got {weight.dtype}")
-        if "SCB" not in out and scb is not None:
-            if tuple(scb.shape) != (n,) or not scb.is_floating_point():
-                raise ValueError(f"SCB must be a float tensor of shape [{n}], got {scb.dtype} {tuple(scb.shape)}")
-            if not bool(torch.isfinite(scb).all()) or bool((scb < 0).any()):
-                raise ValueError("SCB (weight row absmax) must be finite and >= 0; the checkpoint is corrupt")
-            out["SCB"] = scb.float()
-        weight_format = state_dict.get(prefix + "weight_format")
-        if weight_format is not None and int(weight_format) != WEIGHT_FORMAT_ROW:
-            raise ValueError(f"weight_format {int(weight_format)} is not supported; only 0 (row-major) is")
-        out["weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
-        bias = state_dict.get(prefix + "bias")
+            present = {leaf: t for leaf, t in saved.items() if t is not None}
+            saved_format.validate_int8_layer(present, where, shape=(self.out_features, self.in_features))
+            out.update({leaf: saved[leaf] for leaf in (WEIGHT, SCALE, FP_COLS, FP_WEIGHT)})
+            out[SCALE] = out[SCALE].float()  # a foreign fp16 / bf16 scale converts exactly
+            out["weight_format"] = weight_format_tensor()
         if self.bias is None and bias is not None:
             unexpected_keys.append(prefix + "bias")
         elif self.bias is not None:
             if bias is None:
                 missing_keys.append(prefix + "bias")
-            elif tuple(bias.shape) != (n,):
-                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{n}]")
+            elif tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"{where}: bias has shape {tuple(bias.shape)}, expected [{self.out_features}]")
             else:
                 out["bias"] = bias
-        fp_cols, fp_weight = state_dict.get(prefix + "fp_cols"), state_dict.get(prefix + "fp_weight")
-        if (fp_cols is None) != (fp_weight is None):
-            raise ValueError("fp_cols and fp_weight must be saved together")
-        if fp_cols is not None:
-            if fp_cols.dim() != 1 or tuple(fp_weight.shape) != (n, fp_cols.numel()):
-                raise ValueError(f"fp_weight must be [{n}, len(fp_cols)], got {tuple(fp_weight.shape)}")
-            out["fp_cols"], out["fp_weight"] = fp_cols.long(), fp_weight
         return out

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from ..checkpoint import save_checkpoint
 from ..convert import Int8Config, memory_footprint, quantize_
 from ..nn import Linear8bitLt
 from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan, quantize_with_plan
@@ -195,10 +196,11 @@ def layer_weight(model: str, gguf_file: str | None, layer: str) -> torch.Tensor:
 
 
 def save_calibrated(work: Workload, plan: CalibrationPlan, path: str) -> None:
-    """torch.save the state dict of the int8 model with the planned 16-bit columns."""
+    """Write the int8 model with the planned 16-bit columns as a safe checkpoint (safetensors, validated,
+    atomic: see :mod:`llm_int8.checkpoint`); ``load_checkpoint`` reads it back."""
     model = copy.deepcopy(work.model)
     quantize_with_plan(model, plan, Int8Config())
-    torch.save(model.state_dict(), path)
+    save_checkpoint(model, path)
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -43,12 +43,13 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import get_module_from_name
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+from transformers.utils.quantization_config import BitsAndBytesConfig, QuantizationConfigMixin
 
-from .. import _memory
+from .. import _memory, saved_format
 from .. import functional as F
 from ..convert import Int8Config, QuantizeReport, default_skip_modules, is_convertible, quantize_
-from ..nn import WEIGHT_FORMAT_ROW, Linear8bitLt
+from ..nn import Linear8bitLt
 
 QUANT_METHOD = "llm_int8"
 # The loading hooks used here (HfQuantizer.get_quantize_ops, ConversionOps, per-key weight
@@ -79,7 +80,17 @@ class LLMInt8Config(QuantizationConfigMixin):
     threshold: the outlier threshold alpha (0 disables the decomposition; the paper uses 6.0).
     skip_modules: module names kept in float (matched as in :class:`llm_int8.Int8Config`). ``None``
         skips the output head and every layer whose weight is tied to an embedding.
+
+    Saved, it declares itself in bitsandbytes' 8-bit format (see :meth:`to_dict`), whose tensors it
+    shares, so that a process which has not imported llm_int8 loads the checkpoint correctly through
+    bitsandbytes, or fails loudly when bitsandbytes is missing, instead of reading int8 codes as float
+    weights. With llm_int8 imported, the same file loads through llm_int8, calibrated columns included.
     """
+
+    #: The field of the saved dict that says llm-int8 wrote it (and holds this config's own fields).
+    SAVED_FIELD = "llm_int8"
+    #: Version of the saved layout; 1: bitsandbytes' 8-bit fields plus SAVED_FIELD.
+    SAVED_VERSION = 1
 
     def __init__(self, threshold: float = 6.0, skip_modules: list[str] | None = None, **kwargs):
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -94,9 +105,65 @@ class LLMInt8Config(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.threshold = core.threshold
         self.skip_modules = core.skip_modules
+        # The float layers of the model this config quantized (set by the quantizer): written out as
+        # bitsandbytes' skip list, so that bitsandbytes converts exactly the layers that hold int8 weights.
+        self.unconverted_modules: list[str] | None = None
 
     def to_int8_config(self) -> Int8Config:
         return Int8Config(threshold=self.threshold, skip_modules=self.skip_modules)
+
+    def to_dict(self) -> dict:
+        """The saved form: bitsandbytes' 8-bit config, plus a ``"llm_int8"`` field with ours.
+
+        transformers without llm_int8 reads it as a bitsandbytes LLM.int8() checkpoint (the tensors,
+        ``weight`` int8 / ``SCB`` float32 / ``weight_format``, are bitsandbytes' own), with the same
+        threshold and the same float layers. With llm_int8 imported, the ``"llm_int8"`` field routes
+        it back here (:func:`_bitsandbytes_or_llm_int8`).
+        """
+        skip = self.unconverted_modules if self.unconverted_modules is not None else self.skip_modules
+        return {
+            "quant_method": "bitsandbytes",
+            "load_in_8bit": True,
+            "load_in_4bit": False,
+            "llm_int8_threshold": self.threshold,
+            "llm_int8_skip_modules": None if skip is None else list(skip),
+            "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False,
+            self.SAVED_FIELD: {
+                "version": self.SAVED_VERSION,
+                "threshold": self.threshold,
+                "skip_modules": self.skip_modules,
+                "unconverted_modules": self.unconverted_modules,
+            },
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __repr__(self):
+        return f"LLMInt8Config(threshold={self.threshold}, skip_modules={self.skip_modules})"
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        """Read a saved config: the bitsandbytes form with an ``"llm_int8"`` field (what :meth:`to_dict`
+        writes), or the plain ``{"quant_method": "llm_int8", ...}`` that llm-int8 0.1.0 wrote before."""
+        fields = dict(config_dict)
+        if cls.SAVED_FIELD in fields:
+            ours = dict(fields[cls.SAVED_FIELD])
+            version = ours.pop("version", None)
+            if version != cls.SAVED_VERSION:
+                raise ValueError(
+                    f"this checkpoint's quantization_config was written by a newer llm-int8 (saved format {version}, "
+                    f"this one reads {cls.SAVED_VERSION}); upgrade: pip install -U llm-int8"
+                )
+            unconverted = ours.pop("unconverted_modules", None)
+            config = cls(**ours)
+            config.unconverted_modules = unconverted
+        else:
+            config = cls(**fields)
+        for key in [key for key in kwargs if hasattr(config, key)]:
+            setattr(config, key, kwargs.pop(key))
+        return (config, kwargs) if return_unused_kwargs else config
 
     @classmethod
     def from_bitsandbytes(cls, quantization_config) -> "LLMInt8Config":
@@ -120,6 +187,25 @@ class LLMInt8Config(QuantizationConfigMixin):
         return cls(threshold=qc.get("llm_int8_threshold", 6.0), skip_modules=qc.get("llm_int8_skip_modules"))
 
 
+class _BitsAndBytesOrLLMInt8(BitsAndBytesConfig):
+    """transformers' entry for saved bitsandbytes 8-bit configs, while llm_int8 is imported.
+
+    A ``config.json`` written by llm-int8 declares itself as a bitsandbytes 8-bit checkpoint (see
+    :meth:`LLMInt8Config.to_dict`) and carries an ``"llm_int8"`` field: that one is read as an
+    :class:`LLMInt8Config`, so it loads through llm-int8's quantizer. Any other (a checkpoint written by
+    bitsandbytes) stays bitsandbytes' own ``BitsAndBytesConfig``, exactly as without llm_int8.
+    """
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        target = LLMInt8Config if LLMInt8Config.SAVED_FIELD in config_dict else BitsAndBytesConfig
+        return target.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+# transformers picks the config class of a saved "bitsandbytes" + load_in_8bit dict from this table.
+AUTO_QUANTIZATION_CONFIG_MAPPING["bitsandbytes_8bit"] = _BitsAndBytesOrLLMInt8
+
+
 # --------------------------------------------------------------------------------------------
 # Quantize-on-load: one checkpoint weight in, the int8 weight and its scales out
 
@@ -141,7 +227,7 @@ class _QuantizeWeightOnLoad(ConversionOps):
         if module_name in self.hf_quantizer.transposed_modules:
             value = value.T  # Conv1D stores its weight [in, out]; Linear8bitLt wants [out, in]
         weight_int8, weight_absmax = F.quantize_weight(value)
-        weight_format = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=weight_int8.device)
+        weight_format = saved_format.weight_format_tensor(weight_int8.device)
         if self.hf_quantizer.checkpoint_pages is not None:
             # The float weight is consumed: its pages of the mapped checkpoint shard are no longer needed,
             # nor the heap space of the temporaries its quantization freed.
@@ -224,6 +310,46 @@ class _CheckpointPages:
         return released
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def _expect_calibrated_columns(model, checkpoint_files) -> None:
+    """Give each int8 layer whose checkpoint holds calibrated columns (``fp_cols`` / ``fp_weight``) meta
+    buffers of the saved shapes and dtypes, so that transformers loads them (a layer has none until
+    calibrated, and transformers drops checkpoint tensors that the model does not hold)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear8bitLt)}
+    for file in checkpoint_files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        header, _ = _read_safetensors_header(str(file))
+        for key, info in header.items():
+            prefix, _, leaf = key.rpartition(".")
+            module = layers.get(prefix)
+            if module is None or leaf not in (saved_format.FP_COLS, saved_format.FP_WEIGHT):
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise saved_format.invalid(prefix, f"{leaf} is stored as {info.get('dtype')}, which is not a tensor dtype of this format")
+            module.register_buffer(leaf, torch.empty(info["shape"], dtype=dtype, device="meta"))
+
+
+def _validate_loaded_layers(model) -> None:
+    """Check every int8 layer of a model loaded from a saved int8 checkpoint with the format's validator,
+    so that a checkpoint transformers accepted tensor by tensor (a -128 code, a NaN scale, repeated
+    columns) is refused before use, naming the layer. Layers offloaded to disk are read back once."""
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear8bitLt):
+            continue
+        tensors = {leaf: getattr(module, leaf, None) for leaf in saved_format.LAYER_KEYS}
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:  # offloaded: the module holds meta tensors, the map holds the values
+            for leaf in saved_format.LAYER_KEYS:
+                if tensors[leaf] is not None and tensors[leaf].is_meta and leaf in weights_map:
+                    tensors[leaf] = weights_map[leaf]
+        saved_format.validate_int8_layer(tensors, name, shape=(module.out_features, module.in_features))
+
+
 def _read_safetensors_header(path: str) -> tuple[dict, int]:
     """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data begins."""
     with open(path, "rb") as f:
@@ -296,13 +422,19 @@ class LLMInt8HfQuantizer(HfQuantizer):
         if RELEASE_MEMORY_WHILE_LOADING and not self.pre_quantized and checkpoint_files and _memory.supported():
             self.checkpoint_pages = _CheckpointPages(checkpoint_files)
         self.transposed_modules = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
-        config = Int8Config(threshold=self.quantization_config.threshold, skip_modules=self.modules_to_not_convert(model))
+        qc = self.quantization_config
+        # A saved model names its float layers: exactly those stay float, whatever the defaults say today.
+        skip = qc.unconverted_modules if self.pre_quantized and qc.unconverted_modules is not None else None
+        config = Int8Config(threshold=qc.threshold, skip_modules=skip if skip is not None else self.modules_to_not_convert(model))
         self.report = quantize_(model, config)
+        qc.unconverted_modules = sorted(self.report.skipped)
         for module in model.modules():
             if isinstance(module, Linear8bitLt):
                 # transformers' weight init must never draw into an int8 weight: it either loads from the
                 # checkpoint or, mapped to disk, stays meta here and is read back from the offload index.
                 module.weight._is_hf_initialized = True
+        if self.pre_quantized and checkpoint_files:
+            _expect_calibrated_columns(model, checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -314,7 +446,9 @@ class LLMInt8HfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, Linear8bitLt) and getattr(getattr(module, "_hf_hook", None), "offload", False):
                 module.state = SimpleNamespace(SCB=None, CxB=None)
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            _validate_loaded_layers(model)
+        else:
             self._store_disk_offloaded_weights_int8(model)
         return model
 
