@@ -167,9 +167,10 @@ def compact_columns(flags: torch.Tensor, flag: int) -> tuple[torch.Tensor, torch
     where ``flags == flag``. Stays on the device: no host synchronisation."""
     k = flags.numel()
     cols = torch.empty(max(k, 1), dtype=torch.int64, device=flags.device)
-    count = torch.zeros(1, dtype=torch.int32, device=flags.device)
-    if k:
-        _compact_kernel[(1,)](flags, cols, count, k, FLAG=flag, BLOCK=COMPACT_BLOCK)
+    if not k:
+        return cols, torch.zeros(1, dtype=torch.int32, device=flags.device)
+    count = torch.empty(1, dtype=torch.int32, device=flags.device)  # the kernel writes it: no memset launch
+    _compact_kernel[(1,)](flags, cols, count, k, FLAG=flag, BLOCK=COMPACT_BLOCK)
     return cols, count
 
 
