@@ -155,15 +155,24 @@ def copies_for(weight_bytes: int, l2_bytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(L2_MULTIPLE * l2_bytes / weight_bytes)))
 
 
-def load_bitsandbytes():
-    """The bitsandbytes module, or the reason it cannot run here (the benchmark then goes on without it)."""
+def first_line(err: BaseException) -> str:
+    return (f"{type(err).__name__}: {err}".splitlines() or [type(err).__name__])[0]
+
+
+def load_bitsandbytes(device):
+    """The bitsandbytes module once one small layer of it has run here, or None and the reason it
+    cannot (the benchmark then goes on without it)."""
     try:
         import bitsandbytes
 
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every non-fp16 input
+        gen = torch.Generator().manual_seed(0)
+        layer = bnb_layer(bitsandbytes, torch.randn(64, 256, generator=gen).half(), device)
+        with torch.inference_mode():
+            layer(make_x(17, 256, gen, device))
         return bitsandbytes, None
-    except Exception as err:  # not installed, or no library for this CUDA
-        return None, f"{type(err).__name__}: {err}".splitlines()[0]
+    except Exception as err:  # not installed, no library for this CUDA, a kernel that does not run
+        return None, first_line(err)
 
 
 def bnb_layer(bnb, weight: torch.Tensor, device):
@@ -249,7 +258,7 @@ def bench_layer(hidden: int, m: int, repeats: int, device, bnb, gen, l2_bytes: i
         ours_out = ours(0)  # also compiles and tunes our kernel for this shape
         err = rel_err(ours_out, reference.int8_mixed_linear(x, *int8_w[0], None, THRESHOLD))
         if not err < MAX_REL_ERR:
-            raise SystemExit(f"WRONG RESULT: ours differs from the reference by {err:.3g} at hidden {hidden}, M {m}")
+            raise AssertionError(f"WRONG RESULT: ours differs from the reference by {err:.3g} (relative)")
         methods = {"fp16": fp16, "ours": ours, "safe": safe}
         if bnb_w:
             methods["bnb"] = bnb_forward
@@ -384,7 +393,7 @@ def bench_generate(name: str, methods: list[str], batches: list[int], prompt_len
             try:
                 models[method] = load_for(method, folder, device)
             except Exception as err:
-                notes[method] = f"{type(err).__name__}: {err}".splitlines()[0]
+                notes[method] = first_line(err)
                 print(f"generate: {method} not run ({notes[method]})")
                 continue
             weights[method] = (allocated(device) - before) if device.type == "cuda" else model_bytes(models[method])
@@ -518,17 +527,21 @@ def main() -> int:
         device = torch.device("cuda")
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
 
-    bnb, bnb_note = (None, "--no-bnb") if args.no_bnb else load_bitsandbytes()
+    bnb, bnb_note = (None, "--no-bnb") if args.no_bnb else load_bitsandbytes(device)
     print(("DRY RUN (no GPU; the figures mean nothing) | " if args.dry_run else "") + machine(device, bnb))
     results = {"machine": machine(device, bnb), "dry_run": args.dry_run, "layers": [], "generate": [], "goals": []}
 
-    rows = []
+    rows, failures = [], []
     if "layers" not in args.skip:
         gen = torch.Generator().manual_seed(0)
         for hidden in args.hidden:
             for m in args.m_values:
-                rows.append(bench_layer(hidden, m, args.repeats, device, bnb, gen, l2_bytes, args.dry_run))
-                print(f"  timed hidden {hidden}, M {m}", flush=True)
+                try:
+                    rows.append(bench_layer(hidden, m, args.repeats, device, bnb, gen, l2_bytes, args.dry_run))
+                    print(f"  timed hidden {hidden}, M {m}", flush=True)
+                except Exception as err:  # one shape's failure must not cost the others' figures
+                    traceback.print_exc()
+                    failures.append(f"layer hidden {hidden}, M {m}: {first_line(err)}")
         print_layer_table(rows, bnb_note)
         results["layers"] = [asdict(r) for r in rows]
 
@@ -537,9 +550,9 @@ def main() -> int:
         try:
             gen_rows = bench_generate(args.model, methods, args.batches, args.prompt, args.new_tokens,
                                       args.generate_repeats, device)
-        except Exception:  # the layer figures above still stand
+        except Exception as err:  # the layer figures above still stand
             traceback.print_exc()
-            print("generate: FAILED (traceback above)")
+            failures.append(f"generate: {first_line(err)}")
         else:
             print_generate_table(args.model, gen_rows, args.prompt, args.new_tokens)
             results["generate"] = [asdict(r) for r in gen_rows]
@@ -547,11 +560,14 @@ def main() -> int:
     if rows:
         results["goals"] = print_goals(rows, args.dry_run)
     results["fallbacks"] = dispatch.fallbacks()
+    results["failures"] = failures
     print(f"Triton kernels that fell back to torch ops: {results['fallbacks'] or 'none'}")
+    for failure in failures:
+        print(f"FAILED {failure} (traceback above)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
