@@ -229,38 +229,55 @@ class LayerRow:
         return self.graph_ours_ms / self.graph_fp16_ms if self.graph_ours_ms else None
 
 
-def bench_layer(hidden: int, m: int, repeats: int, device, bnb, gen, l2_bytes: int, dry_run: bool) -> LayerRow:
-    k = n = hidden
-    weights = torch.randn(n, k, generator=gen).div_(math.sqrt(k)).half()
-    w_int8, w_absmax = quantize_weight(weights)
-    copies = copies_for(w_int8.numel(), l2_bytes)  # the int8 weight is the smallest: it sets the rotation
-    fp16_w = [weights.to(device) for _ in range(copies)]
-    int8_w = [(w_int8.to(device), w_absmax.to(device)) for _ in range(copies)]
-    bnb_w = [bnb_layer(bnb, weights, device) for _ in range(copies)] if bnb is not None else []
-    x = make_x(m, k, gen, device)
+@dataclass
+class LayerWeights:
+    """One hidden size's weights, each method's in ``copies`` copies (see ``copies_for``)."""
+
+    hidden: int
+    copies: int
+    fp16: list
+    int8: list  # (weight_int8, weight_absmax) pairs
+    bnb: list
+
+    @classmethod
+    def build(cls, hidden: int, device, bnb, gen, l2_bytes: int) -> "LayerWeights":
+        weight = torch.randn(hidden, hidden, generator=gen).div_(math.sqrt(hidden)).half()
+        w_int8, w_absmax = quantize_weight(weight)
+        copies = copies_for(w_int8.numel(), l2_bytes)  # the int8 weight is the smallest: it sets the rotation
+        return cls(
+            hidden, copies,
+            [weight.to(device) for _ in range(copies)],
+            [(w_int8.to(device), w_absmax.to(device)) for _ in range(copies)],
+            [bnb_layer(bnb, weight, device) for _ in range(copies)] if bnb is not None else [],
+        )
+
+
+def bench_layer(weights: LayerWeights, m: int, repeats: int, device, gen, dry_run: bool) -> LayerRow:
+    copies = weights.copies
+    x = make_x(m, weights.hidden, gen, device)
     kernel = ours_kernel(device)
 
     def fp16(i):
-        return F.linear(x, fp16_w[i % copies])
+        return F.linear(x, weights.fp16[i % copies])
 
     def ours(i):
-        w, s = int8_w[i % copies]
+        w, s = weights.int8[i % copies]
         return kernel(x, w, s, None, THRESHOLD)
 
     def safe(i):
-        w, s = int8_w[i % copies]
+        w, s = weights.int8[i % copies]
         return cuda.mixed_linear(cuda.TORCH_STAGES, x, w, s, None, THRESHOLD)
 
     def bnb_forward(i):
-        return bnb_w[i % copies](x)
+        return weights.bnb[i % copies](x)
 
     with torch.inference_mode():
         ours_out = ours(0)  # also compiles and tunes our kernel for this shape
-        err = rel_err(ours_out, reference.int8_mixed_linear(x, *int8_w[0], None, THRESHOLD))
+        err = rel_err(ours_out, reference.int8_mixed_linear(x, *weights.int8[0], None, THRESHOLD))
         if not err < MAX_REL_ERR:
             raise AssertionError(f"WRONG RESULT: ours differs from the reference by {err:.3g} (relative)")
         methods = {"fp16": fp16, "ours": ours, "safe": safe}
-        if bnb_w:
+        if weights.bnb:
             methods["bnb"] = bnb_forward
         timer = Timer(device)
         for fn in methods.values():  # warm up: every copy once
@@ -272,12 +289,12 @@ def bench_layer(hidden: int, m: int, repeats: int, device, bnb, gen, l2_bytes: i
         times = interleaved_medians(timer, methods, calls, repeats)
         graph = {}
         if device.type == "cuda":
-            graph = interleaved_medians(timer, {"fp16": graph_of(fp16, calls), "ours": graph_of(ours, calls)}, 1,
-                                        repeats)
-            graph = {name: ms / calls for name, ms in graph.items()}
-    row = LayerRow(hidden, m, times["fp16"], times["ours"], times.get("bnb"), times["safe"], graph.get("fp16"),
-                   graph.get("ours"), err, copies, calls)
-    del fp16_w, int8_w, bnb_w, methods
+            graphs = {"fp16": graph_of(fp16, calls), "ours": graph_of(ours, calls)}
+            graph = {name: ms / calls for name, ms in interleaved_medians(timer, graphs, 1, repeats).items()}
+            del graphs
+    row = LayerRow(weights.hidden, m, times["fp16"], times["ours"], times.get("bnb"), times["safe"],
+                   graph.get("fp16"), graph.get("ours"), err, copies, calls)
+    del methods, x
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -535,13 +552,16 @@ def main() -> int:
     if "layers" not in args.skip:
         gen = torch.Generator().manual_seed(0)
         for hidden in args.hidden:
+            weights = LayerWeights.build(hidden, device, bnb, gen, l2_bytes)
             for m in args.m_values:
                 try:
-                    rows.append(bench_layer(hidden, m, args.repeats, device, bnb, gen, l2_bytes, args.dry_run))
+                    rows.append(bench_layer(weights, m, args.repeats, device, gen, args.dry_run))
                     print(f"  timed hidden {hidden}, M {m}", flush=True)
                 except Exception as err:  # one shape's failure must not cost the others' figures
                     traceback.print_exc()
                     failures.append(f"layer hidden {hidden}, M {m}: {first_line(err)}")
+            del weights
+            gc.collect()
         print_layer_table(rows, bnb_note)
         results["layers"] = [asdict(r) for r in rows]
 
