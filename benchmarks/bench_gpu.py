@@ -54,7 +54,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from llm_int8 import cuda, dispatch, reference  # noqa: E402
-from llm_int8._ops import DIRECT_MIXED_KERNELS  # noqa: E402
 from llm_int8.functional import quantize_weight  # noqa: E402
 
 THRESHOLD = 6.0
@@ -187,7 +186,7 @@ def ours_kernel(device: torch.device):
     kernel on CUDA; in the dry run, the same guarded stages on CPU tensors under the Triton interpreter."""
     if device.type == "cuda":
         dispatch.require_gpu_path()
-        return DIRECT_MIXED_KERNELS["cuda"]
+        return dispatch.registered_cuda_kernels()["int8_mixed_linear"]
     backend, stages = dispatch.cuda_stages()
     if backend != "triton":
         raise SystemExit(f"the dry run needs Triton (pip install 'llm-int8[triton]'): {dispatch.gpu_path_unavailable_reason()}")

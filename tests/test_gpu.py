@@ -386,6 +386,12 @@ def test_device_map_across_gpu_and_cpu(tiny_llama):
     assert _rel_err(logits, ref) < DEVICE_REL_ERR
 
 
+def test_linear8bitlt_calls_the_registered_kernel():
+    from llm_int8._ops import DIRECT_MIXED_KERNELS  # the eager fast path's table
+
+    assert DIRECT_MIXED_KERNELS["cuda"] is dispatch.registered_cuda_kernels()["int8_mixed_linear"]
+
+
 def test_no_triton_kernel_fell_back_in_this_process():
     # Last in file order: the results above came from the Triton kernels, not the safe path. (gpu_check.sh
     # also turns every TritonFallbackWarning into an error, which names the test it happened in.)

@@ -518,7 +518,7 @@ def test_dispatch_routes_by_device_and_explains_a_missing_gpu_path(monkeypatch):
         assert dispatch.kernel_backend("cuda") == "triton"
         dispatch.require_gpu_path()
     else:
-        assert dispatch.kernel_backend("cuda") == "reference"
+        assert dispatch.kernel_backend("cuda") == "reference" and dispatch.registered_cuda_kernels() == {}
         with pytest.raises(RuntimeError, match="GPU path is unavailable: PyTorch sees no CUDA device"):
             dispatch.require_gpu_path()
     monkeypatch.setattr(dispatch.importlib.util, "find_spec", lambda name: None)

@@ -38,6 +38,7 @@ class TritonFallbackWarning(RuntimeWarning):
 
 
 _cuda_backend: str | None = None  # "triton" or "torch" once registered
+_cuda_kernels: dict[str, Callable] = {}  # op name -> the kernel registered for CUDA tensors
 _triton_import_error: str | None = None
 _fallbacks: dict[str, str] = {}  # guarded stage name -> why its Triton kernel was given up
 _fallback_lock = threading.Lock()
@@ -209,7 +210,8 @@ def register_cuda_kernels() -> bool:
     global _cuda_backend
     if _cuda_backend is None and torch.cuda.is_available():
         backend, stages = cuda_stages()
-        for name, kernel in op_kernels(stages).items():
+        _cuda_kernels.update(op_kernels(stages))
+        for name, kernel in _cuda_kernels.items():
             register_kernel(name, "cuda", kernel)
         _cuda_backend = backend
         if backend == "torch":
@@ -220,6 +222,13 @@ def register_cuda_kernels() -> bool:
                 stacklevel=2,
             )
     return _cuda_backend == "triton"
+
+
+def registered_cuda_kernels() -> dict[str, Callable]:
+    """Op name -> the kernel CUDA tensors run (what ``Linear8bitLt`` calls in eager inference); empty
+    without CUDA."""
+    register_cuda_kernels()
+    return dict(_cuda_kernels)
 
 
 def require_gpu_path() -> None:
