@@ -1,8 +1,10 @@
-"""Triton kernels for the ``llm_int8`` ops: the GPU path.
+"""Triton kernels for the ``llm_int8`` ops: the fast GPU path.
 
-The only package that imports ``triton``. ``llm_int8.dispatch`` registers the launchers below as the
-CUDA kernels of the ops in ``_ops.py``; they also accept CPU tensors under ``TRITON_INTERPRET=1``,
-which is how the test suite checks them without a GPU.
+The only package that imports ``triton``. :data:`STAGES` fills the stages of the CUDA forward
+(``llm_int8.cuda``) with the launchers below; ``llm_int8.dispatch`` guards each of them with its
+torch-op counterpart and registers the result as the CUDA kernels of the ops in ``_ops.py``. The
+launchers also accept CPU tensors under ``TRITON_INTERPRET=1``, which is how the test suite checks
+them without a GPU.
 """
 
 from __future__ import annotations
@@ -15,22 +17,24 @@ if importlib.util.find_spec("triton") is None:
         "(Triton ships with the CUDA builds of PyTorch on Linux)"
     )
 
-from .int8_matmul import int8_linear_dequant, int8_linear_matmul, int8_mm_dequant  # noqa: E402
-from .mixed import int8_mixed_linear  # noqa: E402
-from .quant import int8_vectorwise_quant  # noqa: E402
+from ..cuda import Stages  # noqa: E402
+from .int8_matmul import (  # noqa: E402
+    dequant_epilogue,
+    int8_linear_dequant,
+    int8_linear_matmul,
+    int8_mm_dequant,
+)
+from .quant import compact_columns, outlier_column_flags, quantize_rows  # noqa: E402
 
-KERNELS = {
-    "int8_vectorwise_quant": int8_vectorwise_quant,
-    "int8_linear_matmul": int8_linear_matmul,
-    "int8_mm_dequant": int8_mm_dequant,
-    "int8_mixed_linear": int8_mixed_linear,
-}
+STAGES = Stages(outlier_column_flags, quantize_rows, int8_linear_dequant, int8_linear_matmul, int8_mm_dequant)
 
 __all__ = [
-    "KERNELS",
+    "STAGES",
+    "compact_columns",
+    "dequant_epilogue",
     "int8_linear_dequant",
     "int8_linear_matmul",
-    "int8_mixed_linear",
     "int8_mm_dequant",
-    "int8_vectorwise_quant",
+    "outlier_column_flags",
+    "quantize_rows",
 ]

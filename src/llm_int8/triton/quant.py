@@ -32,10 +32,6 @@ ROUND_TO_EVEN_MAGIC = tl.constexpr(1.5 * 2**23)
 CODE_MAX = tl.constexpr(float(INT8_MAX))
 NAN = tl.constexpr(float("nan"))
 
-# Flag values in the int32 [K] column-flag vector shared with mixed.py.
-RUNTIME_OUTLIER = 1  # a column found at run time (some |x| >= threshold)
-CALIBRATED_COLUMN = 2  # a calibrated fp column (``fp_cols``): always out of the int8 product
-
 # Column-flag reduction: rows per inner step, columns per program.
 FLAGS_BLOCK_M = 16
 FLAGS_BLOCK_K = 128
@@ -146,14 +142,10 @@ def _row_quant_kernel(
 # Launchers
 
 
-def outlier_column_flags(x: torch.Tensor, threshold: float, flags: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 [K]: ``RUNTIME_OUTLIER`` where a column of x [M, K] holds any |x| >= threshold (> 0).
-
-    ``flags`` may come pre-filled (e.g. with ``CALIBRATED_COLUMN``); the atomic max never lowers a flag.
-    """
+def outlier_column_flags(x: torch.Tensor, threshold: float, flags: torch.Tensor) -> torch.Tensor:
+    """Raise ``flags`` [K] (int32) to ``RUNTIME_OUTLIER`` where a column of x [M, K] holds some
+    |x| >= threshold (> 0); the atomic max never lowers a flag (e.g. ``CALIBRATED_COLUMN``)."""
     m, k = x.shape
-    if flags is None:
-        flags = torch.zeros(k, dtype=torch.int32, device=x.device)
     if m == 0 or k == 0:
         return flags
     k_blocks = triton.cdiv(k, FLAGS_BLOCK_K)
@@ -175,9 +167,10 @@ def compact_columns(flags: torch.Tensor, flag: int) -> tuple[torch.Tensor, torch
     where ``flags == flag``. Stays on the device: no host synchronisation."""
     k = flags.numel()
     cols = torch.empty(max(k, 1), dtype=torch.int64, device=flags.device)
-    count = torch.zeros(1, dtype=torch.int32, device=flags.device)
-    if k:
-        _compact_kernel[(1,)](flags, cols, count, k, FLAG=flag, BLOCK=COMPACT_BLOCK)
+    if not k:
+        return cols, torch.zeros(1, dtype=torch.int32, device=flags.device)
+    count = torch.empty(1, dtype=torch.int32, device=flags.device)  # the kernel writes it: no memset launch
+    _compact_kernel[(1,)](flags, cols, count, k, FLAG=flag, BLOCK=COMPACT_BLOCK)
     return cols, count
 
 
@@ -210,19 +203,3 @@ def quantize_rows(
         enable_fp_fusion=False,
     )
     return codes, absmax
-
-
-def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
-    """The ``llm_int8::int8_vectorwise_quant`` kernel: two sweeps over x (column flags, then codes).
-
-    Same semantics as ``reference.int8_vectorwise_quant``: values with |x| >= threshold leave their
-    row's absmax, their columns are coded 0 and returned, sorted, as outlier_cols.
-    """
-    if threshold > 0.0:
-        flags = outlier_column_flags(x, threshold)
-        codes, absmax = quantize_rows(x, flags, threshold, mask_values=True)
-        outlier_cols = flags.nonzero().view(-1)
-    else:
-        codes, absmax = quantize_rows(x, None)
-        outlier_cols = torch.empty(0, dtype=torch.int64, device=x.device)
-    return codes, absmax, outlier_cols
