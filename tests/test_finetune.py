@@ -76,3 +76,19 @@ def test_native_kernel_nonfinite_like_a_matmul():
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
     finite = torch.isfinite(ref)
     assert torch.equal(out[finite].double(), ref[finite])
+
+
+def test_double_backward_goes_through_autograd():
+    """With create_graph=True the gradient is itself differentiable (the native kernel is bypassed)."""
+    weight_int8, weight_absmax = F.quantize_weight(torch.randn(5, 7))
+    x = torch.randn(3, 7, requires_grad=True)
+    out = F.int8_mixed_linear(x, weight_int8, weight_absmax, None, 6.0)
+    grad_out = torch.randn(3, 5, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(out, x, grad_out, create_graph=True)
+    assert grad_x.requires_grad
+    (grad_g,) = torch.autograd.grad(grad_x.sum(), grad_out)
+    # d/dg sum(g @ W^) = W^ summed over its columns: the codes' sums pass back through the bf16 cast,
+    # which rounds them to bfloat16 (2^-8), then times absmax / 127 in float32
+    w_hat = weight_int8.double() * (weight_absmax.double() / INT8_MAX)[:, None]
+    ref = w_hat.sum(1).expand(3, 5)
+    assert ((grad_g.double() - ref).abs() <= (BF16_U + 4 * U32) * ref.abs()).all()

@@ -358,7 +358,8 @@ def _grad_input(grad_out: torch.Tensor, weight_int8: torch.Tensor, weight_absmax
     GEMM of the same numbers.
     """
     scaled = grad_out.float() * (weight_absmax.float() / INT8_MAX)
-    if scaled.device.type == "cpu" and _native.grad_bf16_available():
+    # (a double backward, create_graph=True, needs this product in autograd: the torch path below)
+    if scaled.device.type == "cpu" and not scaled.requires_grad and _native.grad_bf16_available():
         m, n = scaled.shape
         a = torch.empty((m, n + n % 2), dtype=torch.bfloat16)
         a[:, :n] = scaled  # round to nearest even, as .bfloat16()
