@@ -110,7 +110,9 @@ class Trainer:
         else:
             base.gradient_checkpointing_disable()
 
-    def step(self, ids) -> tuple[float, float, float]:
+    def step(self, ids) -> tuple[float, float, float, float]:
+        """Wall seconds of the forward, backward and optimizer step, and the process's CPU seconds."""
+        cpu = time.process_time()
         t0 = time.perf_counter()
         loss = self.model(input_ids=ids, labels=ids).loss
         t1 = time.perf_counter()
@@ -119,7 +121,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        return t1 - t0, t2 - t1, t3 - t2, time.process_time() - cpu
 
 
 def rss_bytes(field: str) -> int:
@@ -192,15 +194,16 @@ def main(argv=None):
     with open("/proc/loadavg") as f:
         print(f"load average after the runs: {' '.join(f.read().split()[:3])}")
 
-    print(f"{'backend':<13}{'checkpt':>8}{'s/step':>8}{'fwd':>7}{'bwd':>7}{'opt':>7}{'/bnb':>7}{'/fp32':>7}"
+    print("s/step: wall-clock median (fwd / bwd / opt: medians of the parts); cpu: the process's CPU seconds per step")
+    print(f"{'backend':<13}{'checkpt':>8}{'s/step':>8}{'fwd':>7}{'bwd':>7}{'opt':>7}{'/bnb':>7}{'/fp32':>7}{'cpu s':>7}"
           f"{'frozen MiB':>11}{'/fp32':>7}{'step peak MiB':>14}")
     for gc in (False, True):
         med = {b: [statistics.median(part) for part in zip(*times[b, gc])] for b in BACKENDS}
-        total = {b: statistics.median([sum(t) for t in times[b, gc]]) for b in BACKENDS}
+        total = {b: statistics.median([sum(t[:3]) for t in times[b, gc]]) for b in BACKENDS}
         for b in BACKENDS:
             peak = peaks[b, gc]
             print(f"{b:<13}{'on' if gc else 'off':>8}{total[b]:>8.3f}{med[b][0]:>7.3f}{med[b][1]:>7.3f}{med[b][2]:>7.3f}"
-                  f"{total[b] / total['bitsandbytes']:>7.2f}{total[b] / total['fp32']:>7.2f}"
+                  f"{total[b] / total['bitsandbytes']:>7.2f}{total[b] / total['fp32']:>7.2f}{med[b][3]:>7.2f}"
                   f"{frozen[b] / MiB:>11.1f}{frozen[b] / frozen['fp32']:>7.2f}"
                   f"{'n/a' if peak is None else f'{peak / MiB:.0f}':>14}")
 

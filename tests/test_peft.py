@@ -392,28 +392,39 @@ def test_smollm2_lora_trains_saves_and_merges(tmp_path):
 
     model, tokenizer = load_model()
     quantize_model(model, LLMInt8Config())
-    text = load_corpus()
-    ids = tokenize(tokenizer, text[:20_000])
-    train, held_out = ids[:256].view(2, 128), ids[2048:2048 + 256].view(2, 128)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    ids = tokenize(tokenizer, load_corpus()[:20_000])
+    train, held_out = ids[:256].view(2, 128), ids[2048 : 2048 + 256].view(2, 128)
+    targets = ["q_proj", "v_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
 
-    def held_out_loss(m):
+    def logits_and_loss(m):
         with torch.no_grad():
-            return m(input_ids=held_out, labels=held_out).loss.item()
+            out = m(input_ids=held_out, labels=held_out)
+        return out.logits, out.loss.item()
 
     peft_model.eval()
-    before = held_out_loss(peft_model)
+    _, before = logits_and_loss(peft_model)
     peft_model.train()
     for _ in range(4):
         peft_model(input_ids=train, labels=train).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     peft_model.eval()
-    after = held_out_loss(peft_model)
+    unmerged, after = logits_and_loss(peft_model)
     assert after < before, (before, after)
+
     peft_model.save_pretrained(tmp_path / "adapter")
-    merged = held_out_loss(peft_model.merge_and_unload())
-    # merging requantizes 60 weights: the loss moves by the int8 rounding, far less than training did
-    assert abs(merged - after) < 0.25 * (before - after), (before, after, merged)
-    assert all(m.weight.dtype == torch.int8 for m in model.modules() if isinstance(m, Linear8bitLt))
+    base, _ = load_model()
+    quantize_model(base, LLMInt8Config())
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert torch.equal(logits_and_loss(reloaded)[0], unmerged)
+
+    merged, merged_loss = logits_and_loss(reloaded.merge_and_unload())
+    assert all(m.weight.dtype == torch.int8 for m in base.modules() if isinstance(m, Linear8bitLt))
+    # each merged weight is requantized: off by at most half a step, like the base weights themselves;
+    # 2 steps per merged matmul, added in quadrature over the 60 of them (as in test_hf)
+    rel = (merged - unmerged).norm() / unmerged.norm()
+    assert 0 < rel <= 2 * math.sqrt(len(targets) * 30) / INT8_MAX, rel
+    # merging keeps only what of the adapter crosses int8 steps (docs/finetune.md): part of the gain
+    assert merged_loss < before, (before, after, merged_loss)

@@ -13,7 +13,6 @@ import numbers
 import torch
 
 from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
-from . import _native  # the backward's bf16 x int8 kernel
 from ._ops import DIRECT_MIXED_BINDERS, DIRECT_MIXED_KERNELS, INT8_MAX
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -357,6 +356,8 @@ def _grad_input(grad_out: torch.Tensor, weight_int8: torch.Tensor, weight_absmax
     multiply-adds per instruction, reading the int8 weight in place; elsewhere it is a float32
     GEMM of the same numbers.
     """
+    from . import _native  # (imported here, where it is used: the autograd section is self-contained)
+
     scaled = grad_out.float() * (weight_absmax.float() / INT8_MAX)
     # (a double backward, create_graph=True, needs this product in autograd: the torch path below)
     if scaled.device.type == "cpu" and not scaled.requires_grad and _native.grad_bf16_available():
