@@ -98,7 +98,9 @@ class Trainer:
 
         for p in model.parameters():
             p.requires_grad_(False)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
+        )
         self.model = get_peft_model(model, config)
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)

@@ -27,7 +27,9 @@ def bf16_product_bound(a64: torch.Tensor, w64: torch.Tensor) -> torch.Tensor:
     return n * U32 / (1 - n * U32) * (a64.abs() @ w64.abs()) + n * INT8_MAX * 2.0**-126
 
 
-SHAPES = [(1, 1, 1), (7, 3, 5), (6, 2, 64), (13, 257, 130), (97, 11, 1000), (200, 300, 65), (5, 0, 7), (0, 4, 4), (3, 4, 0)]
+SHAPES = [
+    (1, 1, 1), (7, 3, 5), (6, 2, 64), (13, 257, 130), (97, 11, 1000), (200, 300, 65), (5, 0, 7), (0, 4, 4), (3, 4, 0)
+]
 
 
 @pytest.mark.skipif(not NATIVE, reason="the CPU has no AVX-512 BF16")
@@ -63,7 +65,8 @@ def test_grad_input_rounds_the_scaled_gradient_once(monkeypatch, native, m, n, k
     # and against the gradient through the dequantized weight: within bf16's rounding of the gradient
     w_hat = weight_int8.double() * (weight_absmax.double() / INT8_MAX)[:, None]
     exact = grad_out.double() @ w_hat
-    assert ((out.double() - exact).abs() <= (BF16_U + (n + 2) * U32 * 1.01) * (grad_out.double().abs() @ w_hat.abs())).all()
+    bound = (BF16_U + (n + 2) * U32 * 1.01) * (grad_out.double().abs() @ w_hat.abs())
+    assert ((out.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.skipif(not NATIVE, reason="the CPU has no AVX-512 BF16")

@@ -412,7 +412,8 @@ def _grad_fn():
                     if lib.llm_int8_cpu_has_avx512bf16():
                         fn = getattr(lib, _GRAD_SYMBOL)
                         p, i64 = ctypes.c_void_p, ctypes.c_int64
-                        fn.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, ctypes.c_int]  # A, lda, W, ldw, C, ldc, M, N, K, threads
+                        # A, lda, W, ldw, C, ldc, M, N, K, threads
+                        fn.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
                         fn.restype = ctypes.c_int
                 _grad_state["fn"] = fn
                 _grad_state["tried"] = True

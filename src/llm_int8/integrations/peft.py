@@ -217,7 +217,9 @@ def dispatch_linear8bitlt(target: nn.Module, adapter_name: str, config, **kwargs
     if not isinstance(base, Linear8bitLt):
         return None
     if config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out=True does not apply to Linear8bitLt (its weight is [out, in]); setting it to False")
+        warnings.warn(
+            "fan_in_fan_out=True does not apply to Linear8bitLt (its weight is [out, in]); setting it to False"
+        )
         config.fan_in_fan_out = False
     return LoraLinear8bitLt(target, adapter_name, config=config, **kwargs)
 
