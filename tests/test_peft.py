@@ -95,14 +95,20 @@ def lora_layers(model):
 # Registration and dispatch
 
 
-def test_import_registers_with_peft_when_peft_is_imported():
-    """``import llm_int8`` does not import peft; importing it later registers the dispatcher, also
-    after an availability check (find_spec) that does not import it."""
-    code = (
-        "import sys, importlib.util, llm_int8\n"
-        "assert 'peft' not in sys.modules\n"
-        "assert importlib.util.find_spec('peft') is not None\n"
-        "import peft\n"
+@pytest.mark.parametrize("peft_first", [False, True], ids=["llm_int8 first", "peft first"])
+def test_import_registers_with_peft(peft_first):
+    """``import llm_int8`` does not import peft; importing peft later registers the dispatcher, also
+    after an availability check (find_spec) that does not import it; peft imported first: at once."""
+    if peft_first:
+        code = "import peft, llm_int8\n"
+    else:
+        code = (
+            "import sys, importlib.util, llm_int8\n"
+            "assert 'peft' not in sys.modules\n"
+            "assert importlib.util.find_spec('peft') is not None\n"
+            "import peft\n"
+        )
+    code += (
         "from peft.tuners.lora.model import LoraModel\n"
         "assert getattr(LoraModel._create_new_module, '_llm_int8_dispatch', False)\n"
     )
