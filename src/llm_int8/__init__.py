@@ -5,6 +5,8 @@
 """
 
 import importlib.metadata
+import importlib.util
+import warnings
 
 from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA tensors when available)
 from . import functional
@@ -34,6 +36,26 @@ if (_transformers_major() or 0) >= 5:
     from .integrations.hf import LLMInt8Config
 
     __all__.append("LLMInt8Config")
+
+
+def _register_peft() -> None:
+    # Makes peft's LoRA/DoRA wrap Linear8bitLt (llm_int8.integrations.peft). An incompatible peft must not
+    # break `import peft`: it is told here, and peft then refuses our layers with its own error.
+    try:
+        from .integrations.peft import register
+        register()
+    except (ImportError, AttributeError) as err:
+        warnings.warn(
+            f"llm_int8 could not register its LoRA layers with peft {importlib.metadata.version('peft')} ({err}); "
+            "LoRA on Linear8bitLt needs a compatible peft: pip install peft==0.21.2"
+        )
+
+
+if importlib.util.find_spec("peft") is not None:
+    # Registered when peft is imported (now, if it already is): importing peft takes seconds.
+    from .integrations import call_when_imported
+
+    call_when_imported("peft", _register_peft)
 
 
 def __getattr__(name):

@@ -389,3 +389,62 @@ def mixed_linear_f32(
     x_, _ = _rows_operand(x)
     out, nc = layer(x_)
     return out, layer.last_columns(nc), nc <= MAX_FUSED_COLS
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward through the frozen weight: bfloat16 x int8 -> float32 (llm_int8_grad_bf16_s8, needs
+# AVX-512 BF16). Self-contained: it only asks the loader above for the library's path.
+
+_GRAD_SYMBOL = "llm_int8_grad_bf16_s8"
+_grad_lock = threading.Lock()
+_grad_state: dict = {"tried": False, "fn": None}
+
+
+def _grad_fn():
+    """The library's ``llm_int8_grad_bf16_s8``, or None (no native library, or a CPU without AVX-512 BF16)."""
+    if not _grad_state["tried"]:
+        path = library_path()  # builds and loads the library (under the loader's own lock)
+        with _grad_lock:
+            if not _grad_state["tried"]:
+                fn = None
+                if path is not None:
+                    lib = ctypes.CDLL(path)
+                    if lib.llm_int8_cpu_has_avx512bf16():
+                        fn = getattr(lib, _GRAD_SYMBOL)
+                        p, i64 = ctypes.c_void_p, ctypes.c_int64
+                        # A, lda, W, ldw, C, ldc, M, N, K, threads
+                        fn.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, ctypes.c_int]
+                        fn.restype = ctypes.c_int
+                _grad_state["fn"] = fn
+                _grad_state["tried"] = True
+    return _grad_state["fn"]
+
+
+def grad_bf16_available() -> bool:
+    """True when :func:`grad_bf16_s8` runs natively on this machine (AVX-512 BF16)."""
+    return _grad_fn() is not None
+
+
+def grad_bf16_s8(a: torch.Tensor, weight_int8: torch.Tensor) -> torch.Tensor:
+    """float32 [M, K] = a[:, :N] @ weight_int8, accumulated in float32 (vdpbf16ps).
+
+    a: bfloat16 [M, N2], rows contiguous, N2 = N rounded up to even with the extra column zero;
+    weight_int8: int8 [N, K] (rows may be strided). Call only when :func:`grad_bf16_available`.
+    """
+    fn = _grad_fn()
+    n, k = weight_int8.shape
+    m, n2 = a.shape
+    if fn is None or a.dtype != torch.bfloat16 or weight_int8.dtype != torch.int8 or n2 != n + n % 2:
+        raise ValueError(
+            f"grad_bf16_s8 needs the native kernel, a bf16 [M, {n + n % 2}] and an int8 [N, K] weight; "
+            f"got {a.dtype} {tuple(a.shape)} and {weight_int8.dtype} {tuple(weight_int8.shape)}"
+        )
+    if a.stride(1) != 1 or (m > 1 and a.stride(0) < n2):
+        a = a.contiguous()
+    w, ldw = _rows_operand(weight_int8)
+    out = torch.empty((m, k), dtype=torch.float32)
+    rc = fn(a.data_ptr(), a.stride(0) if m > 1 else n2, w.data_ptr(), ldw, out.data_ptr(), max(k, 1),
+            m, n, k, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("the native backward kernel could not allocate its 32 KiB packing buffer")
+    return out

@@ -439,6 +439,9 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.checkpoint_pages = None  # loading is over: the shards are closed
+        # What peft's prepare_model_for_kbit_training (gradient checkpointing, input grads) and the
+        # Trainer (no DataParallel over int8 layers) look for in an 8-bit model.
+        model.is_loaded_in_8bit = True
         # accelerate's offload hook (AlignDevicesHook.post_forward) recognises bitsandbytes' layer by
         # its class name, "Linear8bitLt", which ours shares, and clears ``module.state.SCB`` after
         # each offloaded forward. Our scales are a buffer the hook manages itself; the namespace
