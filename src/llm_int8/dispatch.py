@@ -17,7 +17,7 @@ import importlib.util
 import torch
 
 from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
-from ._ops import register_kernel
+from ._ops import NAMESPACE
 
 TRITON_INSTALL_HINT = "pip install 'llm-int8[triton]'"
 
@@ -50,7 +50,7 @@ def register_cuda_kernels() -> bool:
     from .triton import KERNELS  # the only import of the Triton kernels
 
     for name, kernel in KERNELS.items():
-        register_kernel(name, "cuda", kernel)
+        torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", kernel)
     _cuda_registered = True
     return True
 

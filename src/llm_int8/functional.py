@@ -12,8 +12,8 @@ import numbers
 
 import torch
 
-from . import cpu, reference  # noqa: F401  (importing them registers their kernels)
-from ._ops import DIRECT_MIXED_BINDERS, DIRECT_MIXED_KERNELS, INT8_MAX
+from . import _native, cpu, reference  # noqa: F401  (importing cpu and reference registers their kernels)
+from ._ops import INT8_MAX
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ops = torch.ops.llm_int8
@@ -93,53 +93,25 @@ def plain_eager_call(x, bias: torch.Tensor | None) -> bool:
     )
 
 
-def direct_mixed_kernel(x, weight_int8: torch.Tensor, bias: torch.Tensor | None):
-    """The ``int8_mixed_linear`` kernel of x's device when calling it directly is the same as the op:
-    a :func:`plain_eager_call` with x on the weight's device. Otherwise None."""
-    if not plain_eager_call(x, bias) or x.device != weight_int8.device:
+class _NoFastPath(_native.Binding):
+    """The bound kernel of a layer that has none (another device, no native kernel, tensors the
+    kernel cannot read in place): every call takes the op. Kept until the layer's tensors change."""
+
+    __slots__ = ()
+
+    def __call__(self, x):
         return None
-    return DIRECT_MIXED_KERNELS.get(x.device.type)
 
 
-class BoundMixedKernel:
-    """One layer's ``int8_mixed_linear`` on one device, its tensors bound (the eager fast path).
-
-    ``fn`` maps x [..., K] on ``device`` to out [..., N] (None: the device has no kernel). It stays valid while the layer holds
-    the very same tensors over the same memory and the same threshold (:meth:`matches`); in-place
-    updates of the tensors are seen.
-    """
-
-    __slots__ = ("fn", "device", "tensors", "ptrs", "threshold")
-
-    def __init__(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
-        args = (weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
-        self.device = weight_int8.device
-        bind, kernel = DIRECT_MIXED_BINDERS.get(self.device.type), DIRECT_MIXED_KERNELS.get(self.device.type)
-        if bind is not None:
-            self.fn = bind(*args)
-        elif kernel is None:  # e.g. the meta device: no fast path
-            self.fn = None
-        else:
-
-            def fn(x):
-                out = kernel(_as_rows(x), *args)
-                return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
-
-            self.fn = fn
-        self.tensors = (weight_int8, weight_absmax, bias, fp_cols, fp_weight)
-        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
-        self.threshold = threshold
-
-    def matches(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None) -> bool:
-        t, p = self.tensors, self.ptrs
-        return (
-            t[0] is weight_int8 and t[1] is weight_absmax and t[2] is bias and t[3] is fp_cols
-            and t[4] is fp_weight and self.threshold == threshold
-            # the same memory: a `tensor.data = other` swap keeps the object but not the pointer
-            and weight_int8.data_ptr() == p[0] and weight_absmax.data_ptr() == p[1]
-            and (bias is None or bias.data_ptr() == p[2])
-            and (fp_weight is None or fp_weight.data_ptr() == p[4] and fp_cols.data_ptr() == p[3])
-        )
+def bind_mixed_linear(weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
+    """One layer's eager fast path: a callable ``x [..., K] -> out [..., N]`` (or None for an x it
+    does not take, which then goes to the op) with ``matches(...)``, True while the layer holds the
+    same tensors over the same memory and the same threshold. On the CPU it is the native kernel
+    bound to the layer's tensors (:class:`llm_int8._native.MixedLinear`): module -> C in one call;
+    in-place updates of the tensors are seen."""
+    if weight_int8.device.type == "cpu" and _native.MixedLinear.can_bind(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
+        return _native.MixedLinear(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+    return _NoFastPath(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
