@@ -133,12 +133,19 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
         # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
         tensors = _bindable(weight_int8, weight_absmax, bias, fp_cols, fp_weight)
         return _native.MixedLinear(*tensors[:3], threshold, *tensors[3:])(x)
+    return eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, gemm_paths()[0])
+
+
+def eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, path: str):
+    """The forward in eager torch around the int8 GEMM of ``path`` (where the native kernel is
+    unavailable; the benchmarks time it with ``int_mm``): as few passes over x and the output as
+    eager torch allows, the scales, decomposed columns and bias applied in place."""
     xf = x.float()
     cols, w_cols = decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_weight)
     has_cols = cols.numel() > 0
     x_main = xf.index_fill(1, cols, 0.0) if has_cols else xf
     x_absmax = row_absmax(x_main)
-    acc = int8_linear_matmul(quantize_rows(x_main, x_absmax), weight_int8)
+    acc = int8_gemm(quantize_rows(x_main, x_absmax), weight_int8, path)
     out = torch.mul(acc, (x_absmax / INT8_MAX).unsqueeze(1))
     out.mul_((weight_absmax.float() / INT8_MAX).unsqueeze(0))
     if has_cols:
