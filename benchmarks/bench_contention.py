@@ -17,11 +17,14 @@ alternate (per-call times, medians); ratio = int8 / fp32 time, so below 1 means 
 also count as load: the header prints the load average and the busiest other processes.
 
     python benchmarks/bench_contention.py [--repeats 7] [--no-model] [--conditions idle,busy-int8,busy-fp32]
+                                          [--shapes 576x1536,4096x4096,4096x11008] [--ms 1,16,512]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -142,14 +145,14 @@ def interleaved_median_times(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def layer_cells(repeats: int) -> dict:
+def layer_cells(shapes, ms, repeats: int) -> dict:
     results = {}
     with torch.inference_mode():
-        for k, n in SHAPES_KN:
+        for k, n in shapes:
             torch.manual_seed(0)
             fp32 = nn.Linear(k, n)
             int8 = llm_int8.Linear8bitLt.from_linear(fp32, threshold=THRESHOLD)
-            for m in MS:
+            for m in ms:
                 x = make_input(m, k)
                 results[(k, n, m)] = interleaved_median_times({"fp32": lambda: fp32(x), "int8": lambda: int8(x)}, repeats)
     return results
@@ -159,8 +162,9 @@ def load_models():
     from llm_int8.eval.experiments import DEMO_PROMPT
     from llm_int8.eval.models import load_model, tokenize
 
-    fp32, tokenizer = load_model()
-    int8, _ = load_model()
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
+        fp32, tokenizer = load_model()
+        int8, _ = load_model()
     llm_int8.quantize_(int8, llm_int8.Int8Config(threshold=THRESHOLD))
     prompt = tokenize(tokenizer, DEMO_PROMPT).unsqueeze(0)
     return {"fp32": fp32, "int8": int8}, prompt, tokenizer.eos_token_id
@@ -176,6 +180,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="fewest calls per layer cell, and decode repeats")
     parser.add_argument("--conditions", default="idle,busy-int8,busy-fp32")
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES_KN), help="KxN list")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--no-model", action="store_true", help="skip the SmolLM2 decode rows")
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per decode")
     parser.add_argument("--busy-limit", type=float, default=600.0, help="seconds after which a busy process ends itself")
@@ -186,6 +192,8 @@ def main(argv=None):
         return
 
     conditions = args.conditions.split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
     kinds = {"idle": None, "busy-int8": "int8", "busy-fp32": "fp32"}
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, llm_int8 {llm_int8.__version__}, "
@@ -198,7 +206,7 @@ def main(argv=None):
     layer_results, decode_results = {}, {}
     for cond in conditions:
         with Busy(kinds[cond], args.busy_limit):
-            layer_results[cond] = layer_cells(args.repeats)
+            layer_results[cond] = layer_cells(shapes, ms, args.repeats)
             if models is not None:
                 decode_results[cond] = decode_cell(*models, args.tokens, args.repeats)
         print(f"  measured {cond}; {other_load()}", flush=True)
@@ -207,8 +215,8 @@ def main(argv=None):
     head = f"{'K':>5} {'N':>6} {'M':>4} "
     head += " ".join(f"{c + ' fp32':>15} {c + ' int8':>15} {'ratio':>6}" for c in conditions)
     print(head)
-    for k, n in SHAPES_KN:
-        for m in MS:
+    for k, n in shapes:
+        for m in ms:
             row = f"{k:>5} {n:>6} {m:>4} "
             cells = []
             for c in conditions:
