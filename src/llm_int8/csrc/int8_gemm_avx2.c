@@ -851,7 +851,9 @@ static void gemm_chunk(void *arg, int64_t c)
 
 #define CHUNKS_PER_THREAD 8
 /* Below this many multiply-adds, a helper thread costs more than it saves. */
+#ifndef MIN_MACS_PER_THREAD
 #define MIN_MACS_PER_THREAD (1 << 20)
+#endif
 /* A few rows of A (decoding) are bound by streaming B from memory, not by arithmetic: there a
  * helper pays off from this many bytes of B on. */
 #ifndef MIN_B_BYTES_PER_THREAD
