@@ -168,6 +168,28 @@ def test_strided_rows_nd_and_low_precision_inputs(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 1030), (258, 1024, 515), (2049, 1024, 9)])
+def test_threaded_shapes(m, k, n, isa):
+    """Shapes large enough for the kernel's helper threads (decoding N split, N split, M split):
+    bit-identical without decomposition, within rounding with it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w_int8, w_absmax = weight(n, k)
+        bias = torch.randn(n)
+        x = make_input(m, k, seed=m)
+        assert torch.equal(fused(x, w_int8, w_absmax, bias, 0.0, isa=isa),
+                           reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 0.0))
+        x = make_input(m, k, n_outlier_cols=5, seed=m + 1)
+        cols = columns_of(x, w_int8, w_absmax, 6.0)
+        out = fused(x, w_int8, w_absmax, bias, 6.0, isa=isa)
+        want = reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 6.0)
+        assert cols.numel() == 5 and ((out - want).abs() <= rounding_bound(x, w_int8, w_absmax, cols, bias=bias)).all()
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_zero_nan_and_inf_rows(threshold, isa):
     k, n = 64, 8

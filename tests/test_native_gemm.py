@@ -69,10 +69,16 @@ def test_random_codes_large_k(m, k, isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_large_mn_both_thread_splits(isa):
     gen = torch.Generator().manual_seed(5)
-    # wide N: the kernel splits N across threads; tall M with tiny N: it splits M
-    check(codes(33, 1000, gen=gen), codes(257, 1000, gen=gen), isa)
-    check(codes(301, 1024, gen=gen), codes(7, 1024, gen=gen), isa)
-    check(codes(128, 129, gen=gen), codes(130, 129, gen=gen), isa)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # large enough for a helper thread: wide N, the kernel splits N; tall M with tiny N, it splits M
+        check(codes(66, 2048, gen=gen), codes(1029, 2048, gen=gen), isa)
+        check(codes(2049, 1024, gen=gen), codes(11, 1024, gen=gen), isa)
+        check(codes(1, 4096, gen=gen), codes(1021, 4096, gen=gen), isa)  # decoding: N split, B streamed
+        check(codes(128, 129, gen=gen), codes(130, 129, gen=gen), isa)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _pattern(kind: str, rows: int, k: int, sign: int = 1) -> torch.Tensor:
@@ -234,7 +240,7 @@ def test_out_argument_strided_rows(isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_thread_counts_agree(threads, isa):
     gen = torch.Generator().manual_seed(9)
-    a, b = codes(20, 1000, gen=gen), codes(150, 1000, gen=gen)
+    a, b = codes(40, 2000, gen=gen), codes(1500, 2000, gen=gen)  # 120 M multiply-adds: every thread works
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

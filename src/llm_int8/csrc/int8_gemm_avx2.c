@@ -336,6 +336,7 @@ typedef void (*ukernel_fn)(const int8_t *A, int64_t lda, const int8_t *B, int64_
 typedef struct {
     int mr;                       /* rows of A per full micro-kernel */
     int needs_comp;               /* the kernels need comp = 128 * rowsum(A) */
+    double macs_per_us;           /* one thread's compute-bound rate (Zen 4), to size the threads */
     ukernel_fn uk[MR_MAX][NR];    /* uk[m - 1][n - 1]: an m x n block */
 } kernel_set;
 
@@ -529,7 +530,7 @@ DEFINE_UKERNEL_AVX2(3, 1) DEFINE_UKERNEL_AVX2(3, 2) DEFINE_UKERNEL_AVX2(3, 3) DE
 DEFINE_UKERNEL_AVX2(4, 1) DEFINE_UKERNEL_AVX2(4, 2) DEFINE_UKERNEL_AVX2(4, 3) DEFINE_UKERNEL_AVX2(4, 4)
 
 static const kernel_set KERNELS_AVX2 = {
-    4, 0,
+    4, 0, 50e3,
     {{ukernel_avx2_1x1, ukernel_avx2_1x2, ukernel_avx2_1x3, ukernel_avx2_1x4},
      {ukernel_avx2_2x1, ukernel_avx2_2x2, ukernel_avx2_2x3, ukernel_avx2_2x4},
      {ukernel_avx2_3x1, ukernel_avx2_3x2, ukernel_avx2_3x3, ukernel_avx2_3x4},
@@ -621,7 +622,7 @@ DEFINE_UKERNEL_VNNI(3, 1) DEFINE_UKERNEL_VNNI(3, 2) DEFINE_UKERNEL_VNNI(3, 3) DE
 DEFINE_UKERNEL_VNNI(4, 1) DEFINE_UKERNEL_VNNI(4, 2) DEFINE_UKERNEL_VNNI(4, 3) DEFINE_UKERNEL_VNNI(4, 4)
 
 static const kernel_set KERNELS_VNNI = {
-    4, 1,
+    4, 1, 150e3,
     {{ukernel_vnni_1x1, ukernel_vnni_1x2, ukernel_vnni_1x3, ukernel_vnni_1x4},
      {ukernel_vnni_2x1, ukernel_vnni_2x2, ukernel_vnni_2x3, ukernel_vnni_2x4},
      {ukernel_vnni_3x1, ukernel_vnni_3x2, ukernel_vnni_3x3, ukernel_vnni_3x4},
@@ -850,26 +851,22 @@ static void gemm_chunk(void *arg, int64_t c)
 }
 
 #define CHUNKS_PER_THREAD 8
-/* Below this many multiply-adds, a helper thread costs more than it saves. */
-#ifndef MIN_MACS_PER_THREAD
-#define MIN_MACS_PER_THREAD (1 << 20)
-#endif
-/* A few rows of A (decoding) are bound by streaming B from memory, not by arithmetic: there a
- * helper pays off from this many bytes of B on. */
-#ifndef MIN_B_BYTES_PER_THREAD
-#define MIN_B_BYTES_PER_THREAD (32 * 1024)
-#endif
+/* A helper pays off when each thread gets at least this much work: a sleeping helper takes tens of
+ * microseconds to get a core (and may not get one at all on a busy machine, where the caller then
+ * does the work alone), and the wake-up costs the caller a system call. */
+#define MIN_US_PER_THREAD 50.0
+/* A few rows of A (decoding) are bound by streaming B from memory, not by arithmetic: one thread
+ * reads it at about this rate from DRAM (a model's layers do not stay in cache between tokens). */
+#define B_BYTES_PER_US 20e3
 #define FEW_ROWS 4
 
-/* Threads for an M x N x K product, at most nthreads. */
-static int gemm_threads(int64_t M, int64_t N, int64_t K, int nthreads)
+/* Threads for an M x N x K product with kernel set ks, at most nthreads. */
+static int gemm_threads(const kernel_set *ks, int64_t M, int64_t N, int64_t K, int nthreads)
 {
     int64_t nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
-    const double macs = (double)M * (double)N * (double)(K > 0 ? K : 1);
-    if (M <= FEW_ROWS)
-        while (nt > 1 && (double)N * (double)K / (double)nt < (double)MIN_B_BYTES_PER_THREAD) nt--;
-    else
-        while (nt > 1 && macs / (double)nt < (double)MIN_MACS_PER_THREAD) nt--;
+    const double us = M <= FEW_ROWS ? (double)N * (double)K / B_BYTES_PER_US
+                                    : (double)M * (double)N * (double)K / ks->macs_per_us;
+    while (nt > 1 && us / (double)nt < MIN_US_PER_THREAD) nt--;
     return (int)nt;
 }
 
@@ -879,7 +876,7 @@ static int gemm_run(const kernel_set *ks, const int8_t *A, int64_t lda, const in
                     int nthreads, const epilogue *epi)
 {
     gemm_job job = {{ks, A, B, C, lda, ldb, ldc, M, N, K, comp, epi, 0, 0}, 1, N, N, 0};
-    int nt = gemm_threads(M, N, K, nthreads);
+    int nt = gemm_threads(ks, M, N, K, nthreads);
     if (nt > 1) {
         if (N >= (int64_t)nt * NR * 4) {
             job.split_n = 1;
