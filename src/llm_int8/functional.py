@@ -223,7 +223,8 @@ def dequantize_weight(weight_int8: torch.Tensor, weight_absmax: torch.Tensor, dt
 def int8_linear_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a int8 [M, K] (or [..., K]), b int8 [N, K] -> int32 [..., N] = a @ b.T.
 
-    Exact for every K up to 133,000 (where K * 127**2 would leave int32).
+    Exact for every int8 code of both operands (-128 included) and every K up to 133,144 (131,071
+    when a -128 occurs), where the int32 result can no longer overflow; a larger K is a ValueError.
     """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int8:
