@@ -43,8 +43,8 @@
  * 2 * 128 * 127 = 32512 < 32767, so the int16 saturation never triggers.  vpmaddwd
  * (_mm256_madd_epi16) against int16 ones adds neighbouring pairs into int32 lanes, accumulated with
  * vpaddd.  Per 32 bytes of K and per (row of A, row of B) pair: sign + maddubs + madd + add, plus
- * one abs per 32 bytes of a B row, shared by the rows of A (putting the abs on B instead of A
- * measured no slower: the loop is bound by the two multiplies).
+ * one abs per 32 bytes of a B row, shared by the four rows of A of the micro-kernel (see loop_4x2:
+ * with the abs on B the kernel measured as fast as the old abs-on-A one).
  *
  * AVX-512 VNNI's vpdpbusd multiplies unsigned by signed bytes and adds groups of four products
  * straight into int32 lanes, without an int16 step.  We feed it u = b XOR 0x80 = b + 128 (in
@@ -52,17 +52,18 @@
  * 128 * rowsum(A) term is subtracted once per output.  Per 64 bytes of K and pair: one vpdpbusd,
  * plus one XOR per 64 bytes of a B row.  Every code of both operands is allowed.
  *
- * Throughput (AVX2 measured on Zen 3 with a micro-benchmark): vpmaddubsw and vpmaddwd share two
- * pipes, so the AVX2 loop peaks at 32 MAC/cycle (the 2 x 4 kernel reaches about 21); fp32 FMA peaks
- * at 16.  One vpdpbusd does 64 MACs (zmm) and replaces three instructions.
+ * Throughput: on Zen 3 vpmaddubsw and vpmaddwd share two pipes, so the AVX2 loop peaks at 32
+ * MAC/cycle (the old 2 x 4 kernel reached about 21); fp32 FMA peaks at 16.  One vpdpbusd does 64
+ * MACs (zmm) and replaces three instructions: on Zen 4, one thread measured about 50 GMAC/s with the
+ * AVX2 kernel and 130-200 with the VNNI one.
  *
  * ---------------------------------------------------------------------------------------------
  * Blocking
  * ---------------------------------------------------------------------------------------------
  * Micro-kernel: an MR x NR block of dot products (MR rows of A, NR rows of B) kept in MR * NR
  * vector accumulators while walking K; each loaded A vector is reused NR times and each B vector MR
- * times.  AVX2: 2 x 4 in ymm registers (its main loop in inline assembly so that all 16 ymm
- * registers are used without spills).  VNNI: 4 x 4 in zmm registers (32 of them).  Smaller
+ * times.  AVX2: 4 x 4, run as two 4 x 2 passes of an inline-assembly loop that uses all 16 ymm
+ * registers without spills.  VNNI: 4 x 4 in zmm registers (32 of them).  Smaller
  * instances of the same templates cover M = 1 and the M / N edges.  A K remainder is read through a
  * zero-padded buffer (AVX2) or a masked load (AVX-512), never past the end of a row.  The lanes of
  * each accumulator are summed horizontally once per K block.
@@ -72,8 +73,8 @@
  * rows of B are reused from L1/L2 against every MR-row group of the A block.  K is only cut
  * (KC = 8192) when a single block would not fit; every K block costs a horizontal reduction and a
  * read-modify-write of C.  When all of A fits (small M, e.g. decoding), B is streamed from memory
- * exactly once, which is what matters in the memory-bound M = 1 case.  While the first row group
- * works on a group of NR rows of B, it software-prefetches the next NR rows.
+ * exactly once, which is what matters in the memory-bound M = 1 case.  While the row groups of an A
+ * block work on a panel of NR rows of B, each software-prefetches its share of the next panel.
  *
  * ---------------------------------------------------------------------------------------------
  * Threads (see parallel_for)
@@ -86,7 +87,9 @@
  * never spin.  So on a busy machine a call costs at most about its one-thread time, instead of a
  * scheduler time slice per fork-join (OpenMP's barrier waits for every team thread to be scheduled,
  * and its spinning workers held the cores: measured 7-15 ms instead of 35 us for a decode-sized
- * layer beside another busy process).  Few-row GEMMs below a size threshold run on one thread.
+ * layer beside another busy process).  A helper is only asked for when every thread gets at least
+ * about 50 us of work (gemm_threads), so small calls, e.g. a small model's decoding layers, run on
+ * the calling thread alone.
  */
 
 #include <errno.h>
