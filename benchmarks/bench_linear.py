@@ -1,8 +1,10 @@
-"""How fast is our LLM.int8() Linear on the CPU, next to fp32, bf16, its own int8 GEMM and bitsandbytes?
+"""How fast is our LLM.int8() Linear on the CPU, next to fp32, bf16, its own int8 GEMM, torch._int_mm and bitsandbytes?
 
 One process, interleaved repeats (every implementation runs once per round), medians. alpha = 6
 with ~0.1 % of the input columns planted as outliers (values x30), as in a >6.7B model's hidden
-states. Prints a table of ratios: ours / baseline (below 1 means ours is faster).
+states. Prints a table of ratios: ours / baseline (below 1 means ours is faster). ``gemm`` is the int8
+GEMM path ours took; ``int_mm+epi`` (AVX-512 CPUs) is the same forward in eager torch around
+``torch._int_mm`` (what the package would run without its native kernel there).
 
     python benchmarks/bench_linear.py [--repeats 7] [--shapes 4096x4096,4096x11008] [--ms 1,16,128,512]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 
@@ -55,7 +58,7 @@ def bnb_layer(linear):
     return layer.to("cpu").eval()
 
 
-def bench_shape(m, k, n, repeats, with_bnb):
+def bench_shape(m, k, n, repeats, with_bnb, with_int_mm):
     torch.manual_seed(0)
     linear = nn.Linear(k, n)
     linear_bf16 = nn.Linear(k, n).to(torch.bfloat16)
@@ -70,6 +73,9 @@ def bench_shape(m, k, n, repeats, with_bnb):
         "bf16": lambda: linear_bf16(x_bf16),
         "int8_gemm": lambda: torch.ops.llm_int8.int8_linear_matmul(a_int8, w_int8),
     }
+    if with_int_mm:
+        weight_absmax, bias = ours.SCB, ours.bias
+        impls["int_mm"] = lambda: cpu.eager_mixed_linear(x, w_int8, weight_absmax, bias, THRESHOLD, None, None, "int_mm")
     if with_bnb:
         theirs = bnb_layer(linear)
         impls["bnb"] = lambda: theirs(x)
@@ -92,21 +98,27 @@ def main(argv=None):
             import bitsandbytes  # noqa: F401
         except ImportError:
             with_bnb = False
+    with_int_mm = "int_mm" in cpu.gemm_paths()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, int8 GEMM paths {', '.join(cpu.gemm_paths())}; load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"ours: llm_int8 {llm_int8.__version__}, alpha = {THRESHOLD}, {OUTLIER_SHARE:.1%} outlier columns x{OUTLIER_SCALE:g}; "
           f"medians of {args.repeats} interleaved repeats; ratio = ours / baseline (lower is better)")
-    header = f"{'K':>5} {'N':>6} {'M':>4} {'gemm':>6} {'ours ms':>9} {'fp32 ms':>9} {'/fp32':>6} {'/bf16':>6} {'/int8 gemm':>10}"
+    header = f"{'K':>5} {'N':>6} {'M':>4} {'gemm':>11} {'ours ms':>9} {'fp32 ms':>9} {'/fp32':>6} {'/bf16':>6} {'/int8 gemm':>10}"
+    if with_int_mm:
+        header += f" {'/int_mm+epi':>11}"
     if with_bnb:
         header += f" {'bnb ms':>9} {'/bnb':>6} {'bnb/fp32':>8}"
     print(header)
     for k, n in shapes:
         for m in ms:
-            t = bench_shape(m, k, n, args.repeats, with_bnb)
-            row = (f"{k:>5} {n:>6} {m:>4} {cpu.gemm_path(m, k, n):>6} {t['ours'] * 1e3:>9.2f} {t['fp32'] * 1e3:>9.2f} "
+            t = bench_shape(m, k, n, args.repeats, with_bnb, with_int_mm)
+            row = (f"{k:>5} {n:>6} {m:>4} {cpu.gemm_path(m, k, n):>11} {t['ours'] * 1e3:>9.2f} {t['fp32'] * 1e3:>9.2f} "
                    f"{t['ours'] / t['fp32']:>6.2f} {t['ours'] / t['bf16']:>6.2f} {t['ours'] / t['int8_gemm']:>10.2f}")
+            if with_int_mm:
+                row += f" {t['ours'] / t['int_mm']:>11.2f}"
             if with_bnb:
                 row += f" {t['bnb'] * 1e3:>9.2f} {t['ours'] / t['bnb']:>6.2f} {t['bnb'] / t['fp32']:>8.2f}"
             print(row, flush=True)

@@ -1,4 +1,4 @@
-"""Benchmark the native AVX2 int8 GEMM against fp32 F.linear and torch._int_mm on this CPU.
+"""Benchmark the native int8 GEMM (each micro-kernel this CPU runs) against fp32 F.linear and torch._int_mm.
 
     python benchmarks/bench_native_gemm.py [--reps 7] [--threads T] [--m 1,16,128,512]
 
@@ -6,11 +6,13 @@ For each shape C[M, N] = A[M, K] @ B[N, K]^T it times, in interleaved rounds (th
 every round, so drifting machine load hits all contenders alike):
 
 * ``fp32``   torch.nn.functional.linear(x_fp32 [M, K], w_fp32 [N, K])
-* ``int_mm`` torch._int_mm(a_int8, b_int8.T)  (very slow on CPUs without AVX-512 VNNI, so it is
-  only timed up to --int-mm-max-macs multiply-adds, with fewer repeats)
-* ``ours``   llm_int8._native.int8_gemm_nt(a_int8, b_int8)
+* ``int_mm`` torch._int_mm(a_int8, b_int8.T)  (a scalar loop on CPUs without AVX-512 VNNI, so there
+  it is only timed up to --int-mm-max-macs multiply-adds, with fewer repeats)
+* ``avx2`` / ``avx512_vnni``  llm_int8._native.int8_gemm_nt(a_int8, b_int8, isa=...), every
+  micro-kernel this CPU runs
 
-and prints medians (and minimums) in milliseconds plus the ratio ours / fp32.  The machine may be
+and prints medians (and minimums) in milliseconds plus the ratio of the package's default kernel
+(marked *) to fp32.  The machine may be
 shared: the load average is printed before and after; trust medians over single numbers.
 
 Caches: by default the same weight is multiplied again and again, so a weight that fits the
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llm_int8 import _native  # noqa: E402
 
-SHAPES_KN = [(4096, 4096), (4096, 11008)]
+SHAPES_KN = [(576, 1536), (4096, 4096), (4096, 11008)]
 M_DEFAULT = [1, 16, 128, 512]
 
 
@@ -93,12 +95,15 @@ def main() -> None:
     if not _native.available():
         print(f"native kernel unavailable: {_native.unavailable_reason()}")
         sys.exit(1)
-    print(f"native library: {_native.library_path()}")
+    isas, default = _native.isas(), _native.default_isa()
+    int_mm_fast = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    print(f"native library: {_native.library_path()}; micro-kernels {', '.join(isas)} (default * {default})")
     print(f"load average before: {load_avg()}; caches flushed before each call: {args.flush_cache}")
     print(f"median of {args.reps} interleaved rounds (min in brackets), milliseconds\n")
 
-    hdr = (f"{'M':>5} {'K':>5} {'N':>6} | {'fp32 F.linear':>19} | {'torch._int_mm':>19} | "
-           f"{'ours':>19} | {'ours/fp32':>9} | {'ours GMAC/s':>11}")
+    cols = ["fp32", "int_mm", *isas]
+    hdr = f"{'M':>5} {'K':>5} {'N':>6} | " + " | ".join(f"{c + ('*' if c == default else ''):>19}" for c in cols)
+    hdr += f" | {'*/fp32':>7} | {'*/int_mm':>8} | {'* GMAC/s':>9}"
     print(hdr)
     print("-" * len(hdr))
     gen = torch.Generator().manual_seed(0)
@@ -109,21 +114,20 @@ def main() -> None:
             a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
             x = a.float()
             macs = m * n * k
-            runs = {
-                "fp32": lambda: F.linear(x, w),
-                "ours": lambda: _native.int8_gemm_nt(a, b),
-            }
-            with_int_mm = 0 < macs <= args.int_mm_max_macs
-            if with_int_mm:
+            runs = {"fp32": lambda: F.linear(x, w)}
+            if k > 1 and (int_mm_fast or 0 < macs <= args.int_mm_max_macs):
                 runs["int_mm"] = lambda: torch._int_mm(a, b.T)
+            for isa in isas:
+                runs[isa] = lambda isa=isa: _native.int8_gemm_nt(a, b, isa=isa)
             for fn in runs.values():  # warm-up (and first-use build of the library)
                 fn()
             times: dict[str, list[float]] = {key: [] for key in runs}
             names = list(runs)
+            int_mm_reps = args.reps if int_mm_fast else args.int_mm_reps
             for r in range(args.reps):
                 order = names[r % len(names):] + names[: r % len(names)]
                 for key in order:
-                    if key == "int_mm" and len(times[key]) >= args.int_mm_reps:
+                    if key == "int_mm" and len(times[key]) >= int_mm_reps:
                         continue
                     times[key].append(timed(runs[key]))
 
@@ -133,10 +137,11 @@ def main() -> None:
                 t = times[key]
                 return f"{statistics.median(t) * 1e3:9.2f} [{min(t) * 1e3:7.2f}]"
 
-            ours = statistics.median(times["ours"])
+            ours = statistics.median(times[default])
             fp32 = statistics.median(times["fp32"])
-            print(f"{m:5d} {k:5d} {n:6d} | {cell('fp32')} | {cell('int_mm')} | {cell('ours')} | "
-                  f"{ours / fp32:9.3f} | {macs / ours / 1e9:11.1f}", flush=True)
+            vs_int_mm = f"{ours / statistics.median(times['int_mm']):8.3f}" if "int_mm" in times else f"{'':>8}"
+            print(f"{m:5d} {k:5d} {n:6d} | " + " | ".join(cell(c) for c in cols)
+                  + f" | {ours / fp32:7.3f} | {vs_int_mm} | {macs / ours / 1e9:9.1f}", flush=True)
     print(f"\nload average after: {load_avg()}")
 
 

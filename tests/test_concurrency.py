@@ -144,3 +144,26 @@ def test_threads_share_a_transformers_model():
     for want, got in zip(expected, results):
         for out in got:
             assert_bitwise_equal(out, want)
+
+
+def test_threads_share_the_kernels_thread_pool():
+    """Layers large enough for the native kernel's own helper threads, called from several Python
+    threads at once: one call holds the pool, the others run on their own thread, all bit-identical."""
+    gen = torch.Generator().manual_seed(4)
+    layer = llm_int8.Linear8bitLt.from_linear(nn.Linear(1024, 2048))
+    inputs = []
+    for i in range(N_THREADS):
+        x = torch.randn((64, 1024), generator=gen)
+        x[:, 3 * i] *= 40.0
+        inputs.append(x)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            expected = [layer(x) for x in inputs]
+            results = run_in_threads(lambda i: layer(inputs[i]), N_THREADS)
+    finally:
+        torch.set_num_threads(old)
+    for want, got in zip(expected, results):
+        for out in got:
+            assert_bitwise_equal(out, want)

@@ -22,13 +22,12 @@ SHAPES = [(1, 64, 32), (7, 33, 5), (16, 256, 130), (128, 96, 64)]
 THRESHOLDS = [0.0, 6.0]
 
 
-def gemm_paths():
-    paths = [("fp32", cpu._gemm_fp32_exact)]
-    if _native.available():
-        paths.append(("native", _native.int8_gemm_nt))
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
-        paths.append(("int_mm", lambda a, b: torch._int_mm(a, b.T)))
-    return paths
+#: Every int8 GEMM path of the CPU kernels; a machine that cannot run one skips its tests.
+ALL_GEMM_PATHS = ["avx512_vnni", "avx2", "int_mm", "fp32"]
+GEMM_PATHS = [
+    pytest.param(p, marks=pytest.mark.skipif(p not in cpu.gemm_paths(), reason=f"this machine does not run {p}"))
+    for p in ALL_GEMM_PATHS
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,20 +80,21 @@ def test_vectorwise_quant_zero_row_and_empty():
 # int8_linear_matmul: exact on every path
 
 
-@pytest.mark.parametrize("path,gemm", gemm_paths(), ids=[p for p, _ in gemm_paths()])
+@pytest.mark.parametrize("path", GEMM_PATHS)
 @pytest.mark.parametrize(
     "m,k,n", [(0, 16, 8), (3, 0, 5), (1, 1, 1), (5, 1, 7), (1, 4096, 33), (17, 1041, 9), (33, 8192, 65), (2, 64, 0)]
 )
-def test_int8_gemm_exact(path, gemm, m, k, n):
+def test_int8_gemm_exact(path, m, k, n):
+    """Each path as int8_linear_matmul runs it (int_mm hands K = 1 to fp32, as the library does)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     want = (a.long() @ b.long().T).to(torch.int32)
-    assert torch.equal(gemm(a, b), want)
+    assert torch.equal(cpu.int8_gemm(a, b, path), want)
 
 
-@pytest.mark.parametrize("path,gemm", gemm_paths(), ids=[p for p, _ in gemm_paths()])
-def test_int8_gemm_exact_full_range_k8192(path, gemm):
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_int8_gemm_exact_full_range_k8192(path):
     """All codes at +-127 with K = 8192: sums of 132 million, far past float32's exact range."""
     k = 8192
     a = torch.full((4, k), 127, dtype=torch.int8)
@@ -106,9 +106,66 @@ def test_int8_gemm_exact_full_range_k8192(path, gemm):
     b[2, 1::2] = -127
     want = (a.long() @ b.long().T).to(torch.int32)
     assert want.abs().max() == k * 127 * 127
-    assert torch.equal(gemm(a, b), want)
+    assert torch.equal(cpu.int8_gemm(a, b, path), want)
     assert torch.equal(F.int8_linear_matmul(a, b), want)
     assert torch.equal(reference.int8_linear_matmul(a, b), want)
+
+
+@pytest.mark.parametrize("path", GEMM_PATHS)
+@pytest.mark.parametrize("where", ["a", "b", "both"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 1), (3, 33, 5), (17, 1041, 9), (5, 4096, 70)])
+def test_int8_gemm_exact_with_min_codes(path, where, m, k, n):
+    """-128 anywhere in either operand (the codes symmetric quantization never makes, but a
+    checkpoint or a caller may): exact on every path."""
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    if where in ("a", "both"):
+        a[0] = -128  # a row of -128 against every b: the largest products
+        a[-1, ::2] = -128
+    if where in ("b", "both"):
+        b[0] = -128
+        b[-1, 1::2] = -128
+    want = (a.long() @ b.long().T).to(torch.int32)
+    assert torch.equal(cpu.int8_gemm(a, b, path), want)
+    assert torch.equal(F.int8_linear_matmul(a, b), want)
+
+
+def test_int8_linear_matmul_min_codes_square():
+    """The case that once gave -1048576 instead of +1048576 (the AVX2 sign trick negating -128)."""
+    a = torch.full((1, 64), -128, dtype=torch.int8)
+    assert F.int8_linear_matmul(a, a).item() == 64 * 128 * 128
+
+
+def test_int8_linear_matmul_k_limits():
+    """K beyond what int32 holds exactly is an error, not a wrapped number: 127**2 * K must fit
+    int32 (K <= 133144), and 128**2 * K (K <= 131071) when a -128 code is present."""
+    k = _native.MAX_K_FULL_RANGE + 1
+    a, b = torch.full((1, k), 127, dtype=torch.int8), torch.full((1, k), -127, dtype=torch.int8)
+    assert F.int8_linear_matmul(a, b).item() == -127 * 127 * k  # fine without -128
+    b[0, 5] = -128
+    with pytest.raises(ValueError, match="too large for an exact int32 result"):
+        F.int8_linear_matmul(a, b)
+    k = _native.MAX_K + 1
+    with pytest.raises(ValueError, match="too large for an exact int32 result"):
+        F.int8_linear_matmul(torch.zeros(1, k, dtype=torch.int8), torch.zeros(2, k, dtype=torch.int8))
+
+
+def test_eager_path_without_the_native_kernel(monkeypatch):
+    """Where the native kernel is unavailable, the ops run eager torch on the other GEMM paths:
+    bit-identical to the reference without decomposition, within float32 rounding with it."""
+    monkeypatch.setitem(_native._state, "fns", None)
+    monkeypatch.setitem(_native._state, "isas", ())
+    monkeypatch.setitem(_native._state, "reason", "pretend: no native kernel")
+    assert not _native.available() and cpu.gemm_paths()[0] in ("int_mm", "fp32")
+    x, _, weight_int8, weight_absmax, bias = _case(torch.float32, 9, 300, 40, 6.0, 3)
+    assert torch.equal(F.int8_mixed_linear(x, weight_int8, weight_absmax, bias, 0.0),
+                       reference.int8_mixed_linear(x, weight_int8, weight_absmax, bias, 0.0))
+    out64, magnitude, n_cols = exact_mixed_linear_f64(x, weight_int8, weight_absmax, bias, 6.0)
+    out = F.int8_mixed_linear(x, weight_int8, weight_absmax, bias, 6.0)
+    assert n_cols > 0 and ((out.double() - out64).abs() <= rounding_bound(out64, magnitude, n_cols, torch.float32)).all()
+    a = torch.full((2, 64), -128, dtype=torch.int8)
+    assert torch.equal(F.int8_linear_matmul(a, a), torch.full((2, 2), 64 * 128 * 128, dtype=torch.int32))
 
 
 def test_int8_linear_matmul_k1_transposed_view():
@@ -131,15 +188,20 @@ def test_int8_linear_matmul_3d_and_noncontiguous():
 
 
 def test_mm_dequant_matches_float64():
-    acc = torch.randint(-(2**20), 2**20, (5, 7), dtype=torch.int32)  # results stay inside fp16 range
-    sx, sw = torch.rand(5) * 10, torch.rand(7) * 3
-    bias = torch.randn(7)
-    want = acc.double() * sx.double()[:, None] * sw.double()[None, :] / 127**2 + bias.double()
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-(2**20), 2**20, (5, 7), dtype=torch.int32, generator=g)  # results stay inside fp16 range
+    sx, sw = torch.rand(5, generator=g) * 10, torch.rand(7, generator=g) * 3
+    bias = torch.randn(7, generator=g)
+    product = acc.double() * sx.double()[:, None] * sw.double()[None, :] / 127**2
+    want = product + bias.double()
     for out_dtype in DTYPES:
         got = F.int8_mm_dequant(acc, sx, sw, bias, out_dtype)
         ref = reference.int8_mm_dequant(acc, sx, sw, bias, out_dtype)
         assert got.dtype == out_dtype
-        bound = 6 * 1.2e-7 * want.abs() + torch.finfo(out_dtype).eps * want.abs()
+        # float32 rounding of the product and the sum (relative to the terms: the sum may cancel),
+        # then one rounding to out_dtype (relative to the result; absolute where it is subnormal)
+        fi = torch.finfo(out_dtype)
+        bound = 6 * 1.2e-7 * (product.abs() + bias.double().abs()) + fi.eps * want.abs() + fi.eps * fi.smallest_normal
         assert ((got.double() - want).abs() <= bound).all()
         assert ((ref.double() - want).abs() <= bound).all()
 

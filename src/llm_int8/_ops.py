@@ -26,26 +26,6 @@ INT8_MAX = 127
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
-#: Eager fast path: device type -> the ``int8_mixed_linear`` kernel registered for it. Modules call
-#: it directly for plain tensors when nothing needs the dispatcher (no autograd, compile or modes),
-#: which saves the dispatcher's Python round trip on every layer of a decoding step.
-DIRECT_MIXED_KERNELS: dict = {}
-#: Device type -> ``bind(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)`` returning
-#: that layer's forward as a callable x -> out, for devices where binding a layer saves per-call work.
-DIRECT_MIXED_BINDERS: dict = {}
-
-
-def register_kernel(name: str, device_type: str | None, fn) -> None:
-    """Register ``fn`` as the ``device_type`` kernel of op ``name`` (None: every device)."""
-    torch.library.register_kernel(f"{NAMESPACE}::{name}", device_type, fn)
-    if name == "int8_mixed_linear" and device_type is not None:
-        DIRECT_MIXED_KERNELS[device_type] = fn
-
-
-def register_binder(device_type: str, bind) -> None:
-    """Register the layer binder of ``device_type`` (see ``DIRECT_MIXED_BINDERS``)."""
-    DIRECT_MIXED_BINDERS[device_type] = bind
-
 _lib.define("int8_vectorwise_quant(Tensor x, float threshold=0.0) -> (Tensor, Tensor, Tensor)")
 _lib.define("int8_linear_matmul(Tensor a, Tensor b) -> Tensor")
 _lib.define(

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import cpu, cuda, reference  # noqa: F401  (importing cpu and reference registers their kernels)
-from ._ops import register_kernel
+from ._ops import NAMESPACE
 
 TRITON_INSTALL_HINT = "pip install 'llm-int8[triton]'"
 REPORT_HINT = "please report it with the output of scripts/gpu_check.sh"
@@ -212,7 +212,7 @@ def register_cuda_kernels() -> bool:
         backend, stages = cuda_stages()
         _cuda_kernels.update(op_kernels(stages))
         for name, kernel in _cuda_kernels.items():
-            register_kernel(name, "cuda", kernel)
+            torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", kernel)
         _cuda_backend = backend
         if backend == "torch":
             warnings.warn(

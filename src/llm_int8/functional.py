@@ -12,8 +12,8 @@ import numbers
 
 import torch
 
-from . import cpu, reference, saved_format  # noqa: F401  (importing cpu and reference registers their kernels)
-from ._ops import DIRECT_MIXED_BINDERS, DIRECT_MIXED_KERNELS, INT8_MAX
+from . import _native, cpu, dispatch, reference, saved_format  # noqa: F401  (importing cpu and reference registers their kernels)
+from ._ops import INT8_MAX
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ops = torch.ops.llm_int8
@@ -93,53 +93,50 @@ def plain_eager_call(x, bias: torch.Tensor | None) -> bool:
     )
 
 
-def direct_mixed_kernel(x, weight_int8: torch.Tensor, bias: torch.Tensor | None):
-    """The ``int8_mixed_linear`` kernel of x's device when calling it directly is the same as the op:
-    a :func:`plain_eager_call` with x on the weight's device. Otherwise None."""
-    if not plain_eager_call(x, bias) or x.device != weight_int8.device:
+class _NoFastPath(_native.Binding):
+    """The bound kernel of a layer that has none (another device, no native kernel, tensors the
+    kernel cannot read in place): every call takes the op. Kept until the layer's tensors change."""
+
+    __slots__ = ()
+
+    def __call__(self, x):
         return None
-    return DIRECT_MIXED_KERNELS.get(x.device.type)
 
 
-class BoundMixedKernel:
-    """One layer's ``int8_mixed_linear`` on one device, its tensors bound (the eager fast path).
+class _DeviceKernel(_native.Binding):
+    """The bound kernel of a layer on a device whose ``int8_mixed_linear`` kernel is ours (CUDA): the
+    kernel called directly, without the dispatcher's round trip; None for an x it does not take."""
 
-    ``fn`` maps x [..., K] on ``device`` to out [..., N] (None: the device has no kernel). It stays valid while the layer holds
-    the very same tensors over the same memory and the same threshold (:meth:`matches`); in-place
-    updates of the tensors are seen.
-    """
+    __slots__ = ("kernel", "device", "k")
 
-    __slots__ = ("fn", "device", "tensors", "ptrs", "threshold")
+    def __init__(self, kernel, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
+        super().__init__(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+        self.kernel, self.device, self.k = kernel, weight_int8.device, weight_int8.shape[1]
 
-    def __init__(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
-        args = (weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
-        self.device = weight_int8.device
-        bind, kernel = DIRECT_MIXED_BINDERS.get(self.device.type), DIRECT_MIXED_KERNELS.get(self.device.type)
-        if bind is not None:
-            self.fn = bind(*args)
-        elif kernel is None:  # e.g. the meta device: no fast path
-            self.fn = None
-        else:
+    def __call__(self, x):
+        if x.device != self.device or not x.ndim or x.shape[-1] != self.k:
+            return None
+        w, s, b, c, f = self.tensors
+        out = self.kernel(_as_rows(x), w, s, b, self.threshold, c, f)
+        return out if x.ndim == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
-            def fn(x):
-                out = kernel(_as_rows(x), *args)
-                return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
-            self.fn = fn
-        self.tensors = (weight_int8, weight_absmax, bias, fp_cols, fp_weight)
-        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
-        self.threshold = threshold
-
-    def matches(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None) -> bool:
-        t, p = self.tensors, self.ptrs
-        return (
-            t[0] is weight_int8 and t[1] is weight_absmax and t[2] is bias and t[3] is fp_cols
-            and t[4] is fp_weight and self.threshold == threshold
-            # the same memory: a `tensor.data = other` swap keeps the object but not the pointer
-            and weight_int8.data_ptr() == p[0] and weight_absmax.data_ptr() == p[1]
-            and (bias is None or bias.data_ptr() == p[2])
-            and (fp_weight is None or fp_weight.data_ptr() == p[4] and fp_cols.data_ptr() == p[3])
-        )
+def bind_mixed_linear(weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
+    """One layer's eager fast path: a callable ``x [..., K] -> out [..., N]`` (or None for an x it
+    does not take, which then goes to the op) with ``matches(...)``, True while the layer holds the
+    same tensors over the same memory and the same threshold; in-place updates of the tensors are
+    seen. On the CPU it is the native kernel bound to the layer's tensors
+    (:class:`llm_int8._native.MixedLinear`): module -> C in one call. On CUDA it is the kernel
+    ``dispatch`` registered, called without the dispatcher."""
+    args = (weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+    device_type = weight_int8.device.type
+    if device_type == "cpu" and _native.MixedLinear.can_bind(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
+        return _native.MixedLinear(*args)
+    if device_type == "cuda":
+        kernel = dispatch.registered_cuda_kernels().get("int8_mixed_linear")
+        if kernel is not None:
+            return _DeviceKernel(kernel, *args)
+    return _NoFastPath(*args)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +248,8 @@ def dequantize_weight(weight_int8: torch.Tensor, weight_absmax: torch.Tensor, dt
 def int8_linear_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a int8 [M, K] (or [..., K]), b int8 [N, K] -> int32 [..., N] = a @ b.T.
 
-    Exact for every K up to 133,000 (where K * 127**2 would leave int32).
+    Exact for every int8 code of both operands (-128 included) and every K up to 133,144 (131,071
+    when a -128 occurs), where the int32 result can no longer overflow; a larger K is a ValueError.
     """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int8:
@@ -376,8 +374,6 @@ def _grad_input(grad_out: torch.Tensor, weight_int8: torch.Tensor, weight_absmax
     multiply-adds per instruction, reading the int8 weight in place; elsewhere it is a float32
     GEMM of the same numbers.
     """
-    from . import _native  # (imported here, where it is used: the autograd section is self-contained)
-
     scaled = grad_out.float() * (weight_absmax.float() / INT8_MAX)
     # (a double backward, create_graph=True, needs this product in autograd: the torch path below)
     if scaled.device.type == "cpu" and not scaled.requires_grad and _native.grad_bf16_available():

@@ -37,7 +37,7 @@ class Linear8bitLt(nn.Module):
     weight is frozen; bitsandbytes defaults to True, a trainable 16-bit weight quantized per call).
     """
 
-    _bound = None  # F.BoundMixedKernel of the eager fast path, built on first use (per instance)
+    _bound = None  # the eager fast path, F.bind_mixed_linear(...) of this layer, built on first use
 
     def __init__(
         self,
@@ -143,16 +143,18 @@ class Linear8bitLt(nn.Module):
         params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ is slow per layer call)
         weight, bias = params["weight"], params.get("bias")
         if F.plain_eager_call(x, bias):
-            # eager inference: the device kernel bound to this layer's tensors, without the
-            # dispatcher round trip or per-call argument checks (the module's state was checked
-            # when set; a decoding step calls every layer with one row, where these costs add up)
+            # eager inference: the kernel bound to this layer's tensors, module -> C in one call,
+            # without the dispatcher round trip or per-call argument checks (the module's state was
+            # checked when set; a decoding step calls every layer with one row, where these costs add up)
             scb, fp_cols, fp_weight = buffers["SCB"], buffers["fp_cols"], buffers["fp_weight"]
             bound = self._bound
             if bound is None or not bound.matches(weight, scb, bias, self.threshold, fp_cols, fp_weight):
-                bound = self._bound = F.BoundMixedKernel(weight, scb, bias, self.threshold, fp_cols, fp_weight)
-            if bound.fn is not None and x.device == bound.device and x.ndim > 0 and x.shape[-1] == self.in_features:
-                return bound.fn(x)
-        # autograd, torch.compile, modes: the op, with x checked (the layer's own tensors were checked when set)
+                bound = self._bound = F.bind_mixed_linear(weight, scb, bias, self.threshold, fp_cols, fp_weight)
+            out = bound(x)
+            if out is not None:
+                return out
+        # autograd, torch.compile, modes, or an x the bound kernel does not take: the op, with x
+        # checked (the layer's own tensors were checked when they were set)
         F.check_linear_input(x, (self.out_features, self.in_features), self.weight.device)
         return F.mixed_linear_op(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
 
