@@ -105,3 +105,48 @@ def weight_histograms(
     axes[0].set_ylabel("count")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+SCALE_PLOT_METHODS = {  # method -> (label, marker); fp32 is the reference, not drawn
+    "absmax_tensor": ("absmax per-tensor", "v"),
+    "zeropoint_tensor": ("zero-point per-tensor", "^"),
+    "absmax_vector": ("vector-wise (alpha=0)", "s"),
+    "bitsandbytes": ("bitsandbytes 0.50.2", "D"),
+    "bnb_emulated": ("bitsandbytes semantics (emulated)", "D"),
+    "llm_int8": ("LLM.int8() (alpha=6)", "o"),
+    "llm_int8_calibrated": ("LLM.int8() + calibrated 16-bit cols", "*"),
+}
+
+
+def scale_plot(rows: list[dict], note: str, path: Path) -> Path:
+    """Degradation vs model size: perplexity increase over fp32 (symlog %) and top-1 agreement with fp32,
+    one line per int8 method, models on a log axis of parameters. ``note`` says where the models came from."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["parameters"])
+    sizes = [r["parameters"] / 1e9 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    for k, (method, (label, marker)) in enumerate(SCALE_PLOT_METHODS.items()):
+        if not all(method in r["perplexity"] for r in rows):
+            continue
+        base = [r["perplexity"]["fp32"]["perplexity"] for r in rows]
+        delta = [100 * (r["perplexity"][method]["perplexity"] / b - 1) for r, b in zip(rows, base)]
+        agree = [100 * r["perplexity"][method]["top1_agreement"] for r in rows]
+        style = dict(marker=marker, color=f"C{k}", label=label, lw=2 if method.startswith("llm_int8") else 1.2)
+        left.plot(sizes, delta, **style)
+        right.plot(sizes, agree, **style)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f"{r['model']}\n{s:.2f} B" for r, s in zip(rows, sizes)], fontsize=8)
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("model (parameters)")
+    left.set_yscale("symlog", linthresh=1.0)
+    left.axhline(0.0, color="black", lw=0.8)
+    left.set_ylabel("perplexity increase over fp32 (%, symlog)")
+    left.set_title("Perplexity degradation vs model size")
+    right.set_ylabel("next-token argmax equal to fp32's (%)")
+    right.set_title("Top-1 agreement with fp32")
+    right.legend(fontsize=8, loc="lower left")
+    fig.suptitle(note, fontsize=8.5)
+    return _save(fig, path)
