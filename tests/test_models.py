@@ -117,7 +117,7 @@ def test_scale_runs_the_table_over_several_models(tiny, tmp_path, capsys):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     for expected in ("third-party GGUF repacks", "perplexity increase over fp32", "outlier features", "model memory",
-                     "tokens/s", "decode", "prefill", "wall time"):
+                     "tokens/s", "decode, 1 thread", "prefill", "wall time"):
         assert expected in text, expected
     rows = json.loads(out.read_text())["models"]
     assert len(rows) == 2 and "tokens_per_second" in rows[1] and "tokens_per_second" not in rows[0]

@@ -164,7 +164,8 @@ def cmd_scale(args, progress):
     for r in rows:
         if "tokens_per_second" in r:
             print(f"\ntokens/s, {r['model']} (methods timed in turns, medians of {r['speed_repeats']}; decode = generate() of "
-                  f"{ex.DECODE_TOKENS} new tokens, prefill = one {r['seq_len']}-token forward):")
+                  f"{ex.DECODE_TOKENS} new tokens, prefill = one {r['seq_len']}-token forward; {r['threads']} threads "
+                  "unless said):")
             tps = r["tokens_per_second"]
             print(_table(["regime", "method", "tokens/s", "vs fp32"], [
                 [regime, METHODS[name].label, f"{v:.2f}", f"{v / rates['fp32']:.2f}x"]

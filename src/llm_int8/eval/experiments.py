@@ -204,12 +204,16 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 def throughput(
     work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5,
     new_tokens: int = DECODE_TOKENS, models: dict | None = None, progress: ProgressFactory = _no_progress,
+    single_thread_decode: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Tokens/s of each method, fp32 and int8 timed in turns, medians (see :mod:`.speed`).
 
     ``decode``: greedy ``generate`` of ``new_tokens`` tokens after the demo prompt (what a user of
     ``generate()`` sees; memory-bound, where int8 reads a quarter of fp32's weight bytes).
     ``prefill``: one forward over the first evaluation window (compute-bound).
+    ``single_thread_decode`` adds ``decode, 1 thread``: the same with ``torch.set_num_threads(1)``, where
+    no kernel pays for waking or waiting for a second thread (on a machine shared with other work, a
+    few-row GEMM split over threads waits for the slowest).
     ``models``, if given, maps method names to already built models.
     """
     models = dict(models or {})
@@ -218,12 +222,19 @@ def throughput(
             models[name] = build_method(work.model, name, {"calibration": plan})
     models = {name: models[name] for name in methods}
     prompt = tokenize(work.tokenizer, DEMO_PROMPT).unsqueeze(0)
-    return {
-        "decode": decode_tokens_per_second(
-            models, prompt, new_tokens, repeats, work.tokenizer.eos_token_id, progress("decode tokens/s")
-        ),
-        "prefill": prefill_tokens_per_second(models, work.windows[:1], repeats, progress=progress("prefill tokens/s")),
-    }
+    eos = work.tokenizer.eos_token_id
+    rates = {"decode": decode_tokens_per_second(models, prompt, new_tokens, repeats, eos, progress("decode tokens/s"))}
+    if single_thread_decode:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rates["decode, 1 thread"] = decode_tokens_per_second(
+                models, prompt, new_tokens, repeats, eos, progress("decode tokens/s, 1 thread")
+            )
+        finally:
+            torch.set_num_threads(threads)
+    rates["prefill"] = prefill_tokens_per_second(models, work.windows[:1], repeats, progress=progress("prefill tokens/s"))
+    return rates
 
 
 def run_demo(
@@ -276,7 +287,7 @@ SCALE_MODELS = ["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
 SCALE_METHODS = [
     "fp32", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8", "llm_int8_calibrated", "bitsandbytes",
 ]
-SPEED_METHODS = ("fp32", "llm_int8", "llm_int8_calibrated")
+SPEED_METHODS = ("fp32", "llm_int8")  # the streaming loader's int8 model (LLMInt8Config()) against fp32
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -312,7 +323,8 @@ def scale_model(
         "calibrated_columns": None if plan is None else sum(len(c) for c in plan.columns.values()),
     }
     if speed:
-        row["tokens_per_second"] = throughput(work, SPEED_METHODS, plan, repeats, progress=progress)
+        row["tokens_per_second"] = throughput(work, SPEED_METHODS, plan, repeats, progress=progress, single_thread_decode=True)
+        row["threads"] = torch.get_num_threads()
         row["speed_repeats"] = repeats
     row["seconds"] = {"load": loaded - start, "total": time.perf_counter() - start}
     return row

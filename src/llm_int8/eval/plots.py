@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -107,33 +108,36 @@ def weight_histograms(
     return _save(fig, path)
 
 
-SCALE_PLOT_METHODS = {  # method -> (label, marker); fp32 is the reference, not drawn
-    "absmax_tensor": ("absmax per-tensor", "v"),
-    "zeropoint_tensor": ("zero-point per-tensor", "^"),
-    "absmax_vector": ("vector-wise (alpha=0)", "s"),
-    "bitsandbytes": ("bitsandbytes 0.50.2", "D"),
-    "bnb_emulated": ("bitsandbytes semantics (emulated)", "D"),
-    "llm_int8": ("LLM.int8() (alpha=6)", "o"),
-    "llm_int8_calibrated": ("LLM.int8() + calibrated 16-bit cols", "*"),
+SCALE_PLOT_METHODS = {  # method -> (label, marker, colour); fp32 is the reference, not drawn
+    "absmax_tensor": ("absmax per-tensor", "v", "tab:gray"),
+    "zeropoint_tensor": ("zero-point per-tensor", "^", "tab:olive"),
+    "absmax_vector": ("vector-wise (alpha=0)", "s", "tab:orange"),
+    "bitsandbytes": ("bitsandbytes 0.50.2", "D", "tab:red"),
+    "bnb_emulated": ("bitsandbytes semantics (emulated)", "D", "tab:red"),
+    "llm_int8": ("LLM.int8() (alpha=6)", "o", "tab:blue"),
+    "llm_int8_calibrated": ("LLM.int8() + calibrated 16-bit cols", "*", "tab:purple"),
 }
 
 
 def scale_plot(rows: list[dict], note: str, path: Path) -> Path:
-    """Degradation vs model size: perplexity increase over fp32 (symlog %) and top-1 agreement with fp32,
-    one line per int8 method, models on a log axis of parameters. ``note`` says where the models came from."""
+    """Degradation vs model size, one line per int8 method, models on a log axis of parameters: the
+    perplexity increase over fp32 (%, symlog) and the share of next-token predictions that differ from
+    fp32's (%, log). ``note`` says where the models came from (shown under the title)."""
     plt = _pyplot()
     rows = sorted(rows, key=lambda r: r["parameters"])
     sizes = [r["parameters"] / 1e9 for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
-    for k, (method, (label, marker)) in enumerate(SCALE_PLOT_METHODS.items()):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
+    lowest = 0.0
+    for method, (label, marker, colour) in SCALE_PLOT_METHODS.items():
         if not all(method in r["perplexity"] for r in rows):
             continue
         base = [r["perplexity"]["fp32"]["perplexity"] for r in rows]
         delta = [100 * (r["perplexity"][method]["perplexity"] / b - 1) for r, b in zip(rows, base)]
-        agree = [100 * r["perplexity"][method]["top1_agreement"] for r in rows]
-        style = dict(marker=marker, color=f"C{k}", label=label, lw=2 if method.startswith("llm_int8") else 1.2)
+        differ = [100 * (1 - r["perplexity"][method]["top1_agreement"]) for r in rows]
+        lowest = min(lowest, *delta)
+        style = dict(marker=marker, color=colour, label=label, lw=2.2 if method.startswith("llm_int8") else 1.2)
         left.plot(sizes, delta, **style)
-        right.plot(sizes, agree, **style)
+        right.plot(sizes, differ, **style)
     for ax in (left, right):
         ax.set_xscale("log")
         ax.set_xticks(sizes)
@@ -142,11 +146,21 @@ def scale_plot(rows: list[dict], note: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xlabel("model (parameters)")
     left.set_yscale("symlog", linthresh=1.0)
+    left.set_ylim(bottom=lowest * 1.2 if lowest < 0 else 0.0)
     left.axhline(0.0, color="black", lw=0.8)
-    left.set_ylabel("perplexity increase over fp32 (%, symlog)")
+    left.set_ylabel("perplexity increase over fp32 (%, linear below 1 %, log above)")
     left.set_title("Perplexity degradation vs model size")
-    right.set_ylabel("next-token argmax equal to fp32's (%)")
-    right.set_title("Top-1 agreement with fp32")
-    right.legend(fontsize=8, loc="lower left")
-    fig.suptitle(note, fontsize=8.5)
-    return _save(fig, path)
+    right.set_yscale("log")
+    plain = importlib.import_module("matplotlib.ticker").FuncFormatter(lambda value, _: f"{value:g}")
+    left.yaxis.set_major_formatter(plain)
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(plain)
+    right.set_ylabel("next-token argmax different from fp32's (%, log)")
+    right.set_title("Disagreement with fp32's next-token choice")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(note, 150)), fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return path

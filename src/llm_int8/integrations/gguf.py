@@ -58,7 +58,7 @@ from .hf import LLMInt8Config, finish_int8_model, prepare_int8_model
 # Large tensors (embeddings, an untied head) are dequantized this many elements at a time (64 MiB of
 # float32), straight into their final storage: the gguf package's numpy dequantizers allocate several
 # temporaries the size of their input.
-DEQUANT_SLAB_ELEMENTS = 1 << 24
+DEQUANT_SLAB_ELEMENTS = 1 << 22
 
 
 def gguf_config(path: str | os.PathLike):
@@ -116,6 +116,7 @@ def load_gguf(
         del values, result
         if release_pages:
             _memory.release_pages(info.data.ctypes.data, info.data.nbytes)
+            _memory.trim_heap()  # the float temporaries' heap pages, which the int8 results would pin
     del tensors
 
     model.tie_weights()  # a tied head takes the loaded embedding
