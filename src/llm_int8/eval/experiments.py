@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .. import _memory
 from .. import functional as F
 from ..checkpoint import save_checkpoint
 from ..convert import memory_footprint
@@ -84,6 +85,7 @@ def compare_methods(
         model = build_method(work.model, name, {"calibration": plan})
         results[name] = perplexity(model, work.windows, progress(name))
         del model
+        _memory.trim_heap()  # the method's weights are freed: give their heap pages back before the next
     if "fp32" in results:
         for result in results.values():
             result.top1_agreement = top1_agreement(result, results["fp32"])
@@ -348,7 +350,8 @@ def run_scale(
     rows = []
     for index, model in enumerate(models):
         rows.append(scale_model(model, corpus, n_windows, seq_len, methods, index == speed_index, repeats, progress, budget))
-        gc.collect()
+        gc.collect()  # the model is freed before the next one loads
+        _memory.trim_heap()
     return {"models": rows, "methods": methods, "seconds": time.perf_counter() - start}
 
 

@@ -119,43 +119,41 @@ SCALE_PLOT_METHODS = {  # method -> (label, marker, colour); fp32 is the referen
 }
 
 
+SCALE_PLOT_FLOOR = 0.01  # %: values at or below are drawn on the floor of the log axes (said in the labels)
+
+
 def scale_plot(rows: list[dict], note: str, path: Path) -> Path:
     """Degradation vs model size, one line per int8 method, models on a log axis of parameters: the
-    perplexity increase over fp32 (%, symlog) and the share of next-token predictions that differ from
-    fp32's (%, log). ``note`` says where the models came from (shown under the title)."""
+    perplexity increase over fp32 and the share of next-token predictions that differ from fp32's (both %,
+    log axes; values <= ``SCALE_PLOT_FLOOR`` drawn on the floor). ``note`` (where the models came from)
+    is printed under the title."""
     plt = _pyplot()
     rows = sorted(rows, key=lambda r: r["parameters"])
     sizes = [r["parameters"] / 1e9 for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
-    lowest = 0.0
     for method, (label, marker, colour) in SCALE_PLOT_METHODS.items():
         if not all(method in r["perplexity"] for r in rows):
             continue
         base = [r["perplexity"]["fp32"]["perplexity"] for r in rows]
         delta = [100 * (r["perplexity"][method]["perplexity"] / b - 1) for r, b in zip(rows, base)]
         differ = [100 * (1 - r["perplexity"][method]["top1_agreement"]) for r in rows]
-        lowest = min(lowest, *delta)
         style = dict(marker=marker, color=colour, label=label, lw=2.2 if method.startswith("llm_int8") else 1.2)
-        left.plot(sizes, delta, **style)
-        right.plot(sizes, differ, **style)
+        left.plot(sizes, [max(d, SCALE_PLOT_FLOOR) for d in delta], **style)
+        right.plot(sizes, [max(d, SCALE_PLOT_FLOOR) for d in differ], **style)
+    plain = importlib.import_module("matplotlib.ticker").FuncFormatter(lambda value, _: f"{value:g}")
     for ax in (left, right):
         ax.set_xscale("log")
         ax.set_xticks(sizes)
         ax.set_xticklabels([f"{r['model']}\n{s:.2f} B" for r, s in zip(rows, sizes)], fontsize=8)
         ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
         ax.grid(alpha=0.3)
         ax.set_xlabel("model (parameters)")
-    left.set_yscale("symlog", linthresh=1.0)
-    left.set_ylim(bottom=lowest * 1.2 if lowest < 0 else 0.0)
-    left.axhline(0.0, color="black", lw=0.8)
-    left.set_ylabel("perplexity increase over fp32 (%, linear below 1 %, log above)")
+    left.set_ylabel(f"perplexity increase over fp32 (%; <= {SCALE_PLOT_FLOOR:g} on the floor)")
     left.set_title("Perplexity degradation vs model size")
-    right.set_yscale("symlog", linthresh=1.0)  # 0 % (a method agreeing everywhere) stays drawable
-    plain = importlib.import_module("matplotlib.ticker").FuncFormatter(lambda value, _: f"{value:g}")
-    left.yaxis.set_major_formatter(plain)
-    right.yaxis.set_major_formatter(plain)
-    right.yaxis.set_minor_formatter(plain)
-    right.set_ylabel("next-token argmax different from fp32's (%, linear below 1 %, log above)")
+    right.yaxis.set_minor_formatter(plain)  # this axis spans about a decade: label its 2..9 ticks too
+    right.set_ylabel("next-token argmax unlike fp32's (%)")
     right.set_title("Disagreement with fp32's next-token choice")
     fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     fig.suptitle("\n".join(textwrap.wrap(note, 150)), fontsize=8.5)
