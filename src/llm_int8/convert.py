@@ -130,6 +130,28 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+def select_layers(
+    model: nn.Module, skip_modules: list[str] | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> tuple[list[str], list[str]]:
+    """(converted, kept float): the qualified names of the convertible layers (``nn.Linear`` / ``Conv1D``)
+    that ``quantize_`` converts and of those it leaves in float, in module order.
+
+    ``skip_modules`` as in :class:`Int8Config` (``None``: the output head and embedding-tied layers);
+    ``filter_fn(module, name)`` returning False keeps a layer in float too. Every module swap in the
+    package (``quantize_``, the evaluation's methods and activation hooks) chooses its layers here.
+    """
+    skip = default_skip_modules(model) if skip_modules is None else skip_modules
+    targets, skipped = [], []
+    for name, module in model.named_modules():
+        if not is_convertible(module):
+            continue
+        if _matches(name, skip) or (filter_fn is not None and not filter_fn(module, name)):
+            skipped.append(name)
+        else:
+            targets.append(name)
+    return targets, skipped
+
+
 def convert_module(module: nn.Module, threshold: float, fp_cols: list[int] | None = None) -> Linear8bitLt:
     """One ``nn.Linear`` or ``Conv1D`` as a ``Linear8bitLt`` on the same device; ``fp_cols`` are
     input columns kept in fp16 (calibrated outlier dims)."""
@@ -159,16 +181,8 @@ def quantize_(
     config = config or Int8Config()
     if not isinstance(config, Int8Config):
         raise TypeError(f"config must be an llm_int8.Int8Config, got {type(config).__name__}")
-    skip = default_skip_modules(model) if config.skip_modules is None else config.skip_modules
     report = QuantizeReport(bytes_before=memory_footprint(model))
-    targets = []
-    for name, module in model.named_modules():
-        if not is_convertible(module):
-            continue
-        if _matches(name, skip) or (filter_fn is not None and not filter_fn(module, name)):
-            report.skipped.append(name)
-        else:
-            targets.append(name)
+    targets, report.skipped = select_layers(model, config.skip_modules, filter_fn)
     if "" in targets:
         raise TypeError("the model is itself a linear layer; convert it with Linear8bitLt.from_linear(layer)")
     for name in targets:

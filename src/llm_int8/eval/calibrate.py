@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +63,8 @@ from torch import nn
 
 from ..convert import Int8Config, QuantizeReport, memory_footprint, quantize_
 from ..nn import Linear8bitLt
-from .outliers import OUTLIER_MAGNITUDE, InputTracker, linear_layers
+from .hooks import LinearInputHooks, Site, linear_layers
+from .outliers import OUTLIER_MAGNITUDE, InputTracker
 from .perplexity import Progress, _identity
 
 MEMORY_BUDGET = 0.005  # fp16 columns may cost this share of the int8 model's bytes
@@ -128,53 +128,33 @@ def int8_model_bytes(model: nn.Module, layers=None) -> int:
 
 
 @dataclass
-class _Site:
-    """One distinct linear-layer input: per calibration row, its largest |x| (run-time outlier
-    columns of the window taken out) and, per column, sum x^2."""
-
-    values: list  # float32 [T, m] per forward, descending
-    indices: list  # int64 [T, m]
-    sumsq: torch.Tensor  # float64 [K]
-    n_positions: int = 0
-
-
-@dataclass
 class _Layer:
     name: str
-    site: _Site
+    site: Site  # its stats: "values" / "indices" (per forward, float32 / int64 [T, m], the largest |x| of
+    # each calibration row, descending, the window's run-time outlier columns taken out), "sumsq"
+    # (float64 [K], sum x^2 per column), "n_positions"
     out_features: int
     weight_energy: float  # ||W||_F^2
     weight_noise: float  # sum_n (SCB_n / 127)^2 / 12
     signal: float = 0.0  # sum_t ||y_t||^2
 
 
-class _Collector:
-    """Forward hooks gathering what the noise rule needs; layers fed the same tensor share a site."""
+class _Collector(LinearInputHooks):
+    """Forward hooks gathering what the noise rule needs (per site the row maxima and column energies,
+    per layer its output energy)."""
 
     def __init__(self, model: nn.Module, threshold: float, top: int = TOP_VALUES):
-        self.model, self.threshold, self.top = model, float(threshold), top
+        super().__init__(model)
+        self.threshold, self.top = float(threshold), top
         self.layers: dict[str, _Layer] = {}
-        self._handles = []
-        self._last = None
 
-    def __enter__(self):
-        entries = linear_layers(self.model)
-        if any(isinstance(module, Linear8bitLt) for _, module, _ in entries):
+    def check_layers(self, layers):
+        if any(isinstance(module, Linear8bitLt) for _, module, _ in layers):
             raise ValueError("calibrate the float model: it already holds Linear8bitLt layers")
-        if not entries:
-            raise ValueError("the model has no linear layers to calibrate")
-        for name, module, width in entries:
-            self._handles.append(module.register_forward_hook(self._hook(name, width)))
-        return self
 
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._last = None
-
-    def _site_stats(self, x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seqs = x.detach().float().reshape(-1, x.shape[-2] if x.dim() > 2 else x.shape[0], width)
+    def site_input(self, site: Site, x: torch.Tensor) -> None:
+        width = site.in_features
+        seqs = x.float().reshape(-1, x.shape[-2] if x.dim() > 2 else x.shape[0], width)
         magnitude = seqs.abs()
         if self.threshold > 0:
             # the forward takes a window's outlier columns (position 0 included) out of the int8 product
@@ -184,37 +164,25 @@ class _Collector:
             kept = magnitude
         kept = kept[:, 1:].reshape(-1, width)  # position 0: the attention sink, see the module docstring
         top = kept.topk(min(self.top, width), dim=1)
-        sumsq = (seqs[:, 1:].double() ** 2).sum(dim=(0, 1))
-        return top.values, top.indices, sumsq
+        stats = site.stats
+        if not stats:
+            stats.update(values=[], indices=[], sumsq=torch.zeros(width, dtype=torch.float64), n_positions=0)
+        stats["values"].append(top.values)
+        stats["indices"].append(top.indices)
+        stats["sumsq"] += (seqs[:, 1:].double() ** 2).sum(dim=(0, 1))
+        stats["n_positions"] += top.values.shape[0]
 
-    def _hook(self, name: str, width: int):
-        def hook(module, args, output):
-            x = args[0]
-            layer = self.layers.get(name)
-            if layer is None:
-                if self._last is not None and self._last[0]() is x:
-                    site = self._last[1]
-                else:
-                    site = _Site([], [], torch.zeros(width, dtype=torch.float64))
-                weight = _float_weight(module).detach().float()
-                scale = weight.abs().amax(dim=1) / INT8_MAX
-                layer = _Layer(name, site, weight.shape[0], float((weight.double() ** 2).sum()),
-                               float((scale.double() ** 2).sum() / 12.0))
-                self.layers[name] = layer
-            site = layer.site
-            if self._last is None or self._last[0]() is not x or self._last[1] is not site:
-                # a new input (not the one the previous layer of this site just counted)
-                self._last = (weakref.ref(x), site)
-                values, indices, sumsq = self._site_stats(x, width)
-                site.values.append(values)
-                site.indices.append(indices)
-                site.sumsq += sumsq
-                site.n_positions += values.shape[0]
-            y = output.detach().float()
-            y = y.reshape(-1, y.shape[-2] if y.dim() > 2 else y.shape[0], y.shape[-1])[:, 1:]
-            layer.signal += float((y.double() ** 2).sum())
-
-        return hook
+    def layer_output(self, name: str, module: nn.Module, site: Site, x: torch.Tensor, y: torch.Tensor) -> None:
+        layer = self.layers.get(name)
+        if layer is None:
+            weight = _float_weight(module).detach().float()
+            scale = weight.abs().amax(dim=1) / INT8_MAX
+            layer = self.layers[name] = _Layer(
+                name, site, weight.shape[0], float((weight.double() ** 2).sum()), float((scale.double() ** 2).sum() / 12.0)
+            )
+        y = y.float()
+        y = y.reshape(-1, y.shape[-2] if y.dim() > 2 else y.shape[0], y.shape[-1])[:, 1:]
+        layer.signal += float((y.double() ** 2).sum())
 
 
 class _Greedy:
@@ -222,12 +190,13 @@ class _Greedy:
 
     def __init__(self, layer: _Layer):
         self.layer = layer
-        self.values = torch.cat(layer.site.values)  # [T, m] descending
-        self.indices = torch.cat(layer.site.indices)
-        self.width = layer.site.sumsq.numel()
+        stats = layer.site.stats
+        self.values = torch.cat(stats["values"])  # [T, m] descending
+        self.indices = torch.cat(stats["indices"])
+        self.width = stats["sumsq"].numel()
         self.taken = torch.zeros(self.width, dtype=torch.bool)
         self.cost = fp_column_bytes(layer.out_features)
-        self.weight_gain = layer.site.sumsq * layer.weight_noise
+        self.weight_gain = stats["sumsq"] * layer.weight_noise
 
     def best(self) -> tuple[float, int]:
         """(gain per byte, column) of the best column not taken yet; gain <= 0 when none helps."""
@@ -304,7 +273,7 @@ def calibration_plan(
             model(input_ids=window.unsqueeze(0))
     int8_bytes = int8_model_bytes(model)
     columns, spent = select_columns(collector.layers, int(budget * int8_bytes))
-    n_positions = max((layer.site.n_positions for layer in collector.layers.values()), default=0)
+    n_positions = max((layer.site.stats["n_positions"] for layer in collector.layers.values()), default=0)
     return CalibrationPlan(float(threshold), None, n_positions, columns, budget, spent, int8_bytes)
 
 
@@ -316,13 +285,14 @@ def plan_from_tracker(tracker: InputTracker, min_position_share: float = MIN_POS
         raise ValueError(f"min_position_share must lie in [0, 1], got {min_position_share}")
     columns = {}
     for site in tracker.sites:
-        share = site.count_large.double() / max(site.n_positions, 1)
+        count_large = site.stats["count_large"]
+        share = count_large.double() / max(site.stats["n_positions"], 1)
         # share 0 would select every column: min_position_share = 0 means "seen at least once".
-        selected = (share >= min_position_share) & (site.count_large > 0)
+        selected = (share >= min_position_share) & (count_large > 0)
         cols = selected.nonzero().view(-1).tolist()
         for name in site.names:
             columns[name] = cols
-    n_positions = max((site.n_positions for site in tracker.sites), default=0)
+    n_positions = max((site.stats["n_positions"] for site in tracker.sites), default=0)
     return CalibrationPlan(tracker.threshold, min_position_share, n_positions, columns)
 
 

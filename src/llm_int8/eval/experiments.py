@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -11,17 +11,20 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .. import _memory
 from .. import functional as F
 from ..checkpoint import save_checkpoint
-from ..convert import Int8Config, memory_footprint, quantize_
+from ..convert import memory_footprint
 from ..nn import Linear8bitLt
-from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan, quantize_with_plan
+from . import baselines
+from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
+from .hooks import LinearInputHooks
 from .methods import METHODS, bitsandbytes_available, build_method
-from .models import common_prefix_length, greedy_tokens, load_model, tokenize
-from .speed import decode_tokens_per_second, prefill_tokens_per_second
+from .models import common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
 from .perplexity import PerplexityResult, perplexity, top1_agreement
+from .speed import decode_tokens_per_second, prefill_tokens_per_second
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
 SWEEP_ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
@@ -64,9 +67,11 @@ def calibrate(
 
 
 def compare_methods(
-    work: Workload, methods: list[str], plan: CalibrationPlan | None = None, progress: ProgressFactory = _no_progress
+    work: Workload, methods: list[str], plan: CalibrationPlan | None = None, progress: ProgressFactory = _no_progress,
+    done: dict[str, PerplexityResult] | None = None,
 ) -> dict[str, PerplexityResult]:
-    """Perplexity of every method on the same windows; each method runs on a fresh copy of the model.
+    """Perplexity of every method on the same windows; each method runs on its own converted copy of the
+    model. ``done``: results already measured on these windows (not run again).
 
     With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32."""
     unknown = [m for m in methods if m not in METHODS]
@@ -74,9 +79,13 @@ def compare_methods(
         raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
     results = {}
     for name in methods:
+        if done and name in done:
+            results[name] = done[name]
+            continue
         model = build_method(work.model, name, {"calibration": plan})
         results[name] = perplexity(model, work.windows, progress(name))
         del model
+        _memory.trim_heap()  # the method's weights are freed: give their heap pages back before the next
     if "fp32" in results:
         for result in results.values():
             result.top1_agreement = top1_agreement(result, results["fp32"])
@@ -86,13 +95,9 @@ def compare_methods(
 def weight_memory(model: nn.Module, plan: CalibrationPlan | None = None) -> dict[str, int]:
     """Bytes of the whole model (parameters and buffers) in fp32, bf16, int8, int8 + calibrated columns."""
     fp32 = memory_footprint(model)
-    int8_model = copy.deepcopy(model)
-    quantize_(int8_model, Int8Config())
-    sizes = {"fp32": fp32, "bf16": fp32 // 2, "int8": memory_footprint(int8_model)}
+    sizes = {"fp32": fp32, "bf16": fp32 // 2, "int8": memory_footprint(build_method(model, "llm_int8"))}
     if plan is not None:
-        calibrated = copy.deepcopy(model)
-        quantize_with_plan(calibrated, plan, Int8Config())
-        sizes["int8_calibrated"] = memory_footprint(calibrated)
+        sizes["int8_calibrated"] = memory_footprint(build_method(model, "llm_int8_calibrated", {"calibration": plan}))
     return sizes
 
 
@@ -123,26 +128,19 @@ def outlier_analysis(
     return result
 
 
-class _DecompositionCounter:
-    """Forward pre-hooks on Linear8bitLt layers: the share of input columns decomposed at their threshold."""
+class _DecompositionCounter(LinearInputHooks):
+    """The share of Linear8bitLt input columns decomposed at each layer's threshold, over every layer call
+    (counted per layer, not per site: each layer decomposes at its own threshold)."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+        super().__init__(model)
         self.decomposed = self.total = 0
 
-    def __enter__(self):
-        def hook(module, args):
-            x = args[0].reshape(-1, module.in_features)
+    def layer_output(self, name, module, site, x, y):
+        if isinstance(module, Linear8bitLt):
             if module.threshold > 0:
-                self.decomposed += int((x.abs() >= module.threshold).any(dim=0).sum())
+                self.decomposed += int((x.reshape(-1, module.in_features).abs() >= module.threshold).any(dim=0).sum())
             self.total += module.in_features
-
-        self.handles = [m.register_forward_pre_hook(hook) for m in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
 
     @property
     def share(self) -> float:
@@ -175,13 +173,13 @@ def threshold_sweep(
 def weight_versions(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """A float weight [N, K] and its dequantized int8 versions: absmax / zero-point per tensor, vector-wise."""
     weight = weight.detach().float()
-    codes, absmax = F.absmax_quantize(weight)
-    zp_codes, scale, zero_point = F.zeropoint_quantize(weight)
+    codes, absmax = baselines.absmax_quantize(weight)
+    zp_codes, scale, zero_point = baselines.zeropoint_quantize(weight)
     vec_codes, vec_absmax = F.quantize_weight(weight)
     return {
         "original": weight,
-        "absmax per-tensor": F.absmax_dequantize(codes, absmax),
-        "zero-point per-tensor": F.zeropoint_dequantize(zp_codes, scale, zero_point),
+        "absmax per-tensor": baselines.absmax_dequantize(codes, absmax),
+        "zero-point per-tensor": baselines.zeropoint_dequantize(zp_codes, scale, zero_point),
         "vector-wise absmax": F.dequantize_weight(vec_codes, vec_absmax),
     }
 
@@ -198,9 +196,7 @@ def layer_weight(model: str, gguf_file: str | None, layer: str) -> torch.Tensor:
 def save_calibrated(work: Workload, plan: CalibrationPlan, path: str) -> None:
     """Write the int8 model with the planned 16-bit columns as a safe checkpoint (safetensors, validated,
     atomic: see :mod:`llm_int8.checkpoint`); ``load_checkpoint`` reads it back."""
-    model = copy.deepcopy(work.model)
-    quantize_with_plan(model, plan, Int8Config())
-    save_checkpoint(model, path)
+    save_checkpoint(build_method(work.model, "llm_int8_calibrated", {"calibration": plan}), path)
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -210,12 +206,16 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 def throughput(
     work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5,
     new_tokens: int = DECODE_TOKENS, models: dict | None = None, progress: ProgressFactory = _no_progress,
+    single_thread_decode: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Tokens/s of each method, fp32 and int8 timed in turns, medians (see :mod:`.speed`).
 
     ``decode``: greedy ``generate`` of ``new_tokens`` tokens after the demo prompt (what a user of
     ``generate()`` sees; memory-bound, where int8 reads a quarter of fp32's weight bytes).
     ``prefill``: one forward over the first evaluation window (compute-bound).
+    ``single_thread_decode`` adds ``decode, 1 thread``: the same with ``torch.set_num_threads(1)``, where
+    no kernel pays for waking or waiting for a second thread (on a machine shared with other work, a
+    few-row GEMM split over threads waits for the slowest).
     ``models``, if given, maps method names to already built models.
     """
     models = dict(models or {})
@@ -224,12 +224,19 @@ def throughput(
             models[name] = build_method(work.model, name, {"calibration": plan})
     models = {name: models[name] for name in methods}
     prompt = tokenize(work.tokenizer, DEMO_PROMPT).unsqueeze(0)
-    return {
-        "decode": decode_tokens_per_second(
-            models, prompt, new_tokens, repeats, work.tokenizer.eos_token_id, progress("decode tokens/s")
-        ),
-        "prefill": prefill_tokens_per_second(models, work.windows[:1], repeats, progress=progress("prefill tokens/s")),
-    }
+    eos = work.tokenizer.eos_token_id
+    rates = {"decode": decode_tokens_per_second(models, prompt, new_tokens, repeats, eos, progress("decode tokens/s"))}
+    if single_thread_decode:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rates["decode, 1 thread"] = decode_tokens_per_second(
+                models, prompt, new_tokens, repeats, eos, progress("decode tokens/s, 1 thread")
+            )
+        finally:
+            torch.set_num_threads(threads)
+    rates["prefill"] = prefill_tokens_per_second(models, work.windows[:1], repeats, progress=progress("prefill tokens/s"))
+    return rates
 
 
 def run_demo(
@@ -276,3 +283,104 @@ def run_demo(
         "generation_common_prefix": common_prefix_length(continuations["fp32"], continuations["int8"]),
         "seconds": {"load": loaded - start, "total": time.perf_counter() - start},
     }
+
+
+SCALE_MODELS = ["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
+SCALE_METHODS = [
+    "fp32", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8", "llm_int8_calibrated", "bitsandbytes",
+]
+SPEED_METHODS = ("fp32", "llm_int8")  # the streaming loader's int8 model (LLMInt8Config()) against fp32
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of a float model, each tensor counted once (a tied head is the embedding)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def scale_model(
+    model: str, corpus: str, n_windows: int, seq_len: int, methods: list[str], speed: bool = False,
+    repeats: int = 5, progress: ProgressFactory = _no_progress, budget: float = MEMORY_BUDGET,
+) -> dict:
+    """One model's row of the scale study: perplexity of ``methods`` (fp32 first, with the §4.1 outlier
+    statistics gathered on the same forward passes), memory footprints and, with ``speed``, tokens/s."""
+    start = time.perf_counter()
+    work = prepare(model, None, corpus, n_windows, seq_len)
+    loaded = time.perf_counter()
+    done = {}
+    with InputTracker(work.model) as tracker:
+        done["fp32"] = perplexity(work.model, work.windows, progress("fp32 + outlier statistics"))
+    report = find_outliers(tracker)
+    plan = calibrate(work, progress, budget) if "llm_int8_calibrated" in methods else None
+    results = compare_methods(work, ["fp32", *[m for m in methods if m != "fp32"]], plan, progress, done)
+    row = {
+        "model": model,
+        "title": model_title(model),
+        "parameters": parameter_count(work.model),
+        "n_windows": int(work.windows.shape[0]),
+        "seq_len": int(work.windows.shape[1]),
+        "perplexity": {name: r.to_dict() for name, r in results.items()},
+        "labels": {name: METHODS[name].label for name in results},
+        "outliers": report,
+        "memory_bytes": weight_memory(work.model, plan),
+        "calibrated_columns": None if plan is None else sum(len(c) for c in plan.columns.values()),
+    }
+    if speed:
+        row["tokens_per_second"] = throughput(work, SPEED_METHODS, plan, repeats, progress=progress, single_thread_decode=True)
+        row["threads"] = torch.get_num_threads()
+        row["speed_repeats"] = repeats
+    row["seconds"] = {"load": loaded - start, "total": time.perf_counter() - start}
+    return row
+
+
+def run_scale(
+    models: list[str], corpus: str, n_windows: int, seq_len: int, methods: list[str] | None = None,
+    speed_model: str | None = None, repeats: int = 5, progress: ProgressFactory = _no_progress,
+    budget: float = MEMORY_BUDGET,
+) -> dict:
+    """The paper's Table 1 across model sizes: :func:`scale_model` for each model, one at a time (each is
+    freed before the next loads). ``speed_model`` (default: the last) also gets decode/prefill tokens/s."""
+    start = time.perf_counter()
+    methods = list(methods or SCALE_METHODS)
+    if "bitsandbytes" in methods and not bitsandbytes_available():
+        methods[methods.index("bitsandbytes")] = "bnb_emulated"
+    speed_model = models[-1] if speed_model is None else speed_model
+    if speed_model not in models and speed_model != "none":
+        raise ValueError(f"--speed-model {speed_model!r} is not among the models {models} (or 'none')")
+    speed_index = len(models) - 1 - models[::-1].index(speed_model) if speed_model in models else None
+    rows = []
+    for index, model in enumerate(models):
+        rows.append(scale_model(model, corpus, n_windows, seq_len, methods, index == speed_index, repeats, progress, budget))
+        gc.collect()  # the model is freed before the next one loads
+        _memory.trim_heap()
+    return {"models": rows, "methods": methods, "seconds": time.perf_counter() - start}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux ``VmHWM``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def quantize_to_disk(model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0) -> dict:
+    """Build the int8 model without the float one (:func:`.models.load_int8_model`) and ``save_pretrained``
+    it to ``save`` (if given); returns the load time, footprint and this process's peak RSS."""
+    from ..integrations.hf import LLMInt8Config
+
+    start = time.perf_counter()
+    lm, tokenizer = load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold))
+    seconds = time.perf_counter() - start
+    report = lm.hf_quantizer.report
+    result = {
+        "model": model, "title": model_title(model), "seconds": seconds, "footprint": memory_footprint(lm),
+        "converted": len(report.converted), "kept": len(report.skipped), "peak_rss": peak_rss(),
+    }
+    if save:
+        lm.save_pretrained(save)
+        tokenizer.save_pretrained(save)
+    return result

@@ -1,24 +1,16 @@
-"""The quantization methods of the paper's Table 1, as real W8A8 computations.
+"""The quantization methods of the paper's Table 1 and ours, each a way to convert a float model.
 
-Every int8 method quantizes the activations too, at every forward: the input of each linear layer
-is turned into int8 codes, the codes are multiplied as integers (exactly) against int8 weight codes,
-and the integer product is scaled back. Nothing is simulated by rounding weights alone, except
-``w8_only``, which exists to show that floor.
+Every int8 method is W8A8 except ``w8_only``: the input of each linear layer is quantized at every
+forward, the codes are multiplied as integers (exactly) against int8 weight codes, and the integer
+product is scaled back. The per-tensor, row-wise and zero-point baselines are in :mod:`.baselines`;
+``llm_int8`` is our :class:`~llm_int8.Linear8bitLt` (vector-wise, the run-time outlier columns
+multiplied against dequantized int8 weight columns, as bitsandbytes does), ``llm_int8_calibrated``
+adds calibrated 16-bit columns (``calibrate.py``), ``bitsandbytes`` runs bitsandbytes itself.
 
-Granularity (x [M, K] the layer input, weight [N, K], out = x @ weight.T):
-
-* ``tensor``: one scale for all of x and one for all of the weight (the naive baseline);
-* ``row``: one scale per row of x (per token), one for the whole weight;
-* ``vector``: one scale per row of x and one per row of the weight (per output feature), i.e. the
-  outer product of two scale vectors dequantizes the int32 product (vector-wise quantization).
-
-``decomp`` adds the mixed-precision decomposition: every input column holding a value with
-|x| >= threshold is taken out of the int8 product and multiplied in float32 against the original
-float weight columns (the paper's semantics). ``llm_int8`` is our :class:`~llm_int8.Linear8bitLt`,
-which multiplies the runtime outlier columns against dequantized int8 weight columns as
-bitsandbytes does, unless calibrated columns are stored (``llm_int8_calibrated``, see
-``calibrate.py``). The output head and embedding-tied layers stay in float for every method, as
-``quantize_`` does by default.
+Every method converts the layers ``quantize_`` converts (:func:`llm_int8.convert.select_layers`: the
+output head and embedding-tied layers stay float) by swapping modules in a copy of the float model
+that shares its tensors (:func:`shared_copy`), so the float model is never duplicated in memory and
+never changed; methods that cast the whole model (``bf16``, ``fp16``) work on a deep copy.
 """
 
 from __future__ import annotations
@@ -26,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -34,83 +27,11 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..convert import Int8Config, convert_module, default_skip_modules, is_convertible, quantize_
+from ..convert import Int8Config, convert_module, quantize_, select_layers
+from .baselines import QuantLinearW8A8
 
 PAPER_THRESHOLD = 6.0
 BNB_PIP = "pip install bitsandbytes==0.50.2 (the 'dev' extra of llm-int8)"
-# Integers below 2**24 in magnitude are exact in float32: the largest K-chunk for an exact float32
-# GEMM of integer operands bounded by max_abs is 2**24 // max_abs**2.
-FLOAT32_EXACT_INT = 2**24
-
-
-def exact_integer_matmul(a: torch.Tensor, b: torch.Tensor, max_abs: int) -> torch.Tensor:
-    """``a @ b.T`` for integer-valued float32 a [M, K], b [N, K] with |entries| <= max_abs, exactly.
-
-    Used for zero-point codes shifted by their zero point (|values| <= 255 when the slice holds 0,
-    more otherwise: outside the [-127, 127] contract of ``int8_linear_matmul``). float32 GEMMs over K-chunks whose partial sums stay below
-    2**24, summed in int64. Returns float32 [M, N] (exact up to the final float32 rounding).
-    """
-    chunk = max(1, FLOAT32_EXACT_INT // (max_abs * max_abs))
-    acc = torch.zeros((a.shape[0], b.shape[0]), dtype=torch.int64)
-    for start in range(0, a.shape[1], chunk):
-        acc += (a[:, start : start + chunk] @ b[:, start : start + chunk].T).to(torch.int64)
-    return acc.float()
-
-
-class QuantLinearW8A8(nn.Module):
-    """A linear layer computed in int8 from int8 activations and int8 weights (Table 1 baselines).
-
-    scheme: ``"absmax"`` (symmetric codes in [-127, 127]) or ``"zeropoint"`` (asymmetric, [-128, 127]).
-    granularity: ``"tensor"``, ``"row"`` or ``"vector"`` (see the module docstring).
-    threshold: > 0 adds the mixed-precision decomposition against the float weight columns.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias, scheme: str, granularity: str, threshold: float = 0.0):
-        super().__init__()
-        if scheme not in ("absmax", "zeropoint"):
-            raise ValueError(f"scheme must be 'absmax' or 'zeropoint', got {scheme!r}")
-        if granularity not in ("tensor", "row", "vector"):
-            raise ValueError(f"granularity must be 'tensor', 'row' or 'vector', got {granularity!r}")
-        self.scheme, self.granularity, self.threshold = scheme, granularity, float(threshold)
-        weight = weight.detach().float()
-        self.register_buffer("weight_float", weight if threshold > 0 else None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        w_dim = -1 if granularity == "vector" else None
-        if scheme == "absmax":
-            codes, absmax = F.absmax_quantize(weight, dim=w_dim)
-            self.register_buffer("weight_int8", codes)
-            self.register_buffer("weight_scale", absmax.reshape(1, -1) / F.INT8_MAX)  # [1, N] or [1, 1]
-        else:
-            codes, scale, zero_point = F.zeropoint_quantize(weight, dim=w_dim)
-            self.register_buffer("weight_int8", codes)
-            self.register_buffer("weight_shifted", codes.float() - zero_point)  # integer-valued
-            self.weight_shifted_max = int(self.weight_shifted.abs().max()) if weight.numel() else 0
-            self.register_buffer("weight_scale", 1.0 / scale.reshape(1, -1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xf = x.reshape(-1, shape[-1]).float()
-        out = None
-        if self.threshold > 0:
-            cols = (xf.abs() >= self.threshold).any(dim=0).nonzero().view(-1)
-            if cols.numel():
-                out = xf[:, cols] @ self.weight_float[:, cols].T
-                xf = xf.index_fill(1, cols, 0.0)
-        x_dim = None if self.granularity == "tensor" else -1
-        if self.scheme == "absmax":
-            x_int8, x_absmax = F.absmax_quantize(xf, dim=x_dim)
-            acc = F.int8_linear_matmul(x_int8, self.weight_int8).float()
-            main = acc * (x_absmax.reshape(-1, 1) / F.INT8_MAX) * self.weight_scale
-        else:
-            x_codes, x_scale, x_zero = F.zeropoint_quantize(xf, dim=x_dim)
-            x_shifted = x_codes.float() - x_zero
-            bound = max(int(x_shifted.abs().max()) if x_shifted.numel() else 0, self.weight_shifted_max, 1)
-            acc = exact_integer_matmul(x_shifted, self.weight_shifted, bound)
-            main = acc / x_scale.reshape(-1, 1) * self.weight_scale
-        out = main if out is None else out + main
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*shape[:-1], -1)
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -142,14 +63,19 @@ def _float_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers are the original's own tensors.
+
+    Swapping modules in the copy leaves the original untouched and costs no weight memory; only code
+    that writes into a tensor (``.to(dtype)`` casts parameters in place) must use a deep copy.
+    """
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def replace_linears(model: nn.Module, make: Callable[[nn.Module, str], nn.Module]) -> list[str]:
-    """Replace, in place, every convertible layer not skipped by default by ``make(layer, name)``."""
-    skip = default_skip_modules(model)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if is_convertible(module) and name and not any(name == s or name.startswith(s + ".") for s in skip)
-    ]
+    """Replace, in place, every layer ``quantize_`` would convert by ``make(layer, name)``."""
+    names = select_layers(model)[0]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -239,14 +165,15 @@ class Method:
     name: str
     label: str
     build: Callable  # (model copy, context dict) -> model
+    shares_weights: bool = True  # builds by swapping modules (a shared_copy will do), not by casting
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("fp32", "fp32", lambda model, context: model),
-        Method("bf16", "bf16 (whole model)", _cast(torch.bfloat16)),
-        Method("fp16", "fp16 (whole model)", _cast(torch.float16)),
+        Method("bf16", "bf16 (whole model)", _cast(torch.bfloat16), shares_weights=False),
+        Method("fp16", "fp16 (whole model)", _cast(torch.float16), shares_weights=False),
         Method("absmax_tensor", "int8 absmax per-tensor", _w8a8("absmax", "tensor")),
         Method("zeropoint_tensor", "int8 zeropoint per-tensor", _w8a8("zeropoint", "tensor")),
         Method("absmax_row", "int8 absmax row-wise", _w8a8("absmax", "row")),
@@ -270,11 +197,14 @@ TABLE1_METHODS = [
 
 
 def build_method(model: nn.Module, name: str, context: dict | None = None) -> nn.Module:
-    """A deep copy of the float ``model`` converted by method ``name`` (the original is untouched).
+    """The float ``model`` converted by method ``name``, in a copy (the original is untouched; the copy
+    shares its float tensors unless the method casts them).
 
     ``context`` carries what some methods need: ``calibration`` (a :class:`CalibrationPlan`) for
     ``llm_int8_calibrated``.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
-    return METHODS[name].build(copy.deepcopy(model), context or {}).eval()
+    method = METHODS[name]
+    work = shared_copy(model) if method.shares_weights else copy.deepcopy(model)
+    return method.build(work, context or {}).eval()

@@ -1,8 +1,7 @@
 """Outlier features (the paper's §4.1): statistics of every linear layer's input, gathered by hooks.
 
-A *site* is one distinct linear-layer input: layers fed the same tensor object (q/k/v
-projections, the gate and up projections) form one site, so one hidden state is not counted three
-times. A *layer* is a transformer block: the module-name prefix up to its last numeric component
+A *site* is one distinct linear-layer input (:mod:`.hooks`: layers fed the same tensor, q/k/v or
+gate/up, form one site, so one hidden state is not counted three times). A *layer* is a transformer block: the module-name prefix up to its last numeric component
 (``model.layers.12``), or the site alone when the name has none. Following the paper, a feature
 dimension of the hidden width is an *outlier feature* when its magnitude reaches
 ``OUTLIER_MAGNITUDE`` (6.0)
@@ -15,28 +14,17 @@ dimension of the hidden width is an *outlier feature* when its magnitude reaches
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..convert import default_skip_modules, is_convertible
-from ..nn import Linear8bitLt
+from .hooks import LinearInputHooks, Site, linear_layers
 
 OUTLIER_MAGNITUDE = 6.0
 MIN_LAYER_SHARE = 0.25
 MIN_POSITION_SHARE = 0.06
-
-
-def linear_in_features(module: nn.Module) -> int | None:
-    """The input width of a linear layer we know how to hook, else None."""
-    if isinstance(module, (nn.Linear, Linear8bitLt)):
-        return module.in_features
-    if is_convertible(module):  # GPT-2 Conv1D: weight [in, out]
-        return module.weight.shape[0]
-    return None
 
 
 def block_of(name: str) -> str:
@@ -46,30 +34,10 @@ def block_of(name: str) -> str:
     return ".".join(parts[: numeric[-1] + 1]) if numeric else name
 
 
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, in_features) of every linear layer except the output head and tied layers."""
-    skip = set(default_skip_modules(model))
-    found = []
-    for name, module in model.named_modules():
-        width = linear_in_features(module)
-        if width is not None and name and name not in skip:
-            found.append((name, module, width))
-    return found
-
-
-@dataclass
-class Site:
-    """Statistics of one distinct linear-layer input of width ``in_features``."""
-
-    names: list[str]
-    in_features: int
-    max_abs: torch.Tensor  # float32 [K]: max |x| over every position seen
-    count_large: torch.Tensor  # int64 [K]: positions with |x| >= threshold
-    n_positions: int = 0
-
-
-class InputTracker:
-    """Context manager recording, per site, the max |x| and the count of |x| >= ``threshold`` per dim.
+class InputTracker(LinearInputHooks):
+    """Records, per site, the max |x| (``stats["max_abs"]``, float32 [K]) and the count of positions with
+    |x| >= ``threshold`` (``stats["count_large"]``, int64 [K]) per dim, and the positions seen
+    (``stats["n_positions"]``).
 
     Also records, per input width, at how many positions each dim reaches the threshold in any
     site (``union_count``, ``union_positions``): the paper's sequence-position share.
@@ -78,65 +46,32 @@ class InputTracker:
     def __init__(self, model: nn.Module, threshold: float = OUTLIER_MAGNITUDE):
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
-        self.model, self.threshold = model, float(threshold)
-        self.sites: list[Site] = []
+        super().__init__(model)
+        self.threshold = float(threshold)
         self.union_count: dict[int, torch.Tensor] = {}
         self.union_positions: dict[int, int] = Counter()
-        self._site_of: dict[str, Site] = {}
-        self._last: tuple | None = None
         self._current: dict[int, torch.Tensor] = {}
-        self._handles = []
 
-    def __enter__(self) -> "InputTracker":
-        layers = linear_layers(self.model)
-        if not layers:
-            raise ValueError("the model has no linear layers to track")
-        for name, module, width in layers:
-            self._handles.append(module.register_forward_pre_hook(self._hook(name, width)))
-        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._current.clear()))
-        self._handles.append(self.model.register_forward_hook(lambda *_: self._fold()))
-        return self
+    def site_input(self, site: Site, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, site.in_features)
+        magnitude = rows.abs().float()
+        large = magnitude >= self.threshold
+        stats = site.stats
+        if not stats:
+            stats.update(max_abs=torch.zeros(site.in_features), count_large=torch.zeros(site.in_features, dtype=torch.int64),
+                         n_positions=0)
+        stats["max_abs"] = torch.maximum(stats["max_abs"], magnitude.amax(dim=0))
+        stats["count_large"] += large.sum(dim=0)
+        stats["n_positions"] += rows.shape[0]
+        current = self._current.get(site.in_features)
+        self._current[site.in_features] = large if current is None else current | large
 
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str, width: int):
-        def hook(module, args):
-            x = args[0]
-            rows = x.detach().reshape(-1, width)
-            site = self._site_of.get(name)
-            if site is None:
-                # A weak reference, not a data pointer: a freed input's memory may be reused.
-                if self._last is not None and self._last[0]() is x:
-                    site = self._last[1]
-                    site.names.append(name)
-                else:
-                    site = Site([name], width, torch.zeros(width), torch.zeros(width, dtype=torch.int64))
-                    self.sites.append(site)
-                self._site_of[name] = site
-            self._last = (weakref.ref(x), site)
-            if site.names[0] != name:
-                return None  # the same input as the site's first layer: already counted
-            magnitude = rows.abs().float()
-            large = magnitude >= self.threshold
-            site.max_abs = torch.maximum(site.max_abs, magnitude.amax(dim=0))
-            site.count_large += large.sum(dim=0)
-            site.n_positions += rows.shape[0]
-            current = self._current.get(width)
-            self._current[width] = large if current is None else current | large
-            return None
-
-        return hook
-
-    def _fold(self) -> None:
+    def forward_end(self) -> None:
         for width, large in self._current.items():
             count = large.sum(dim=0)
             self.union_count[width] = self.union_count.get(width, torch.zeros_like(count)) + count
             self.union_positions[width] += large.shape[0]
         self._current.clear()
-        self._last = None
 
     def hidden_width(self) -> int:
         """The most common input width among the sites (the model's hidden size)."""
@@ -179,8 +114,25 @@ class OutlierReport:
             rows.setdefault(block_of(layer_names[0]), {})[kind] = (large, outlier)
         return kinds, list(rows.items())
 
+    def summary(self) -> dict:
+        """The §4.1 figures of one model: how many systematic outlier dims, the share of layers and of
+        sequence positions they reach the threshold in (means over the dims), and the largest |x| seen
+        at any linear-layer input of the hidden width (and where)."""
+        site, dim = divmod(int(self.magnitudes.argmax()), self.width) if self.magnitudes.numel() else (0, 0)
+        return {
+            "n_dims": len(self.dims),
+            "width": self.width,
+            "share_of_features": self.share_of_features,
+            "layer_share": sum(self.layer_share) / len(self.dims) if self.dims else 0.0,
+            "position_share": sum(self.position_share) / len(self.dims) if self.dims else 0.0,
+            "max_abs": float(self.magnitudes.max()) if self.magnitudes.numel() else 0.0,
+            "max_abs_site": self.site_names[site] if self.site_names else "",
+            "max_abs_dim": dim,
+        }
+
     def to_dict(self) -> dict:
         return {
+            "summary": self.summary(),
             "dims": self.dims,
             "width": self.width,
             "threshold": self.threshold,
@@ -206,7 +158,7 @@ def find_outliers(
     sites = [s for s in tracker.sites if s.in_features == width]
     if not sites or tracker.union_positions[width] == 0:
         raise ValueError(f"no inputs of width {width} were recorded")
-    present = torch.stack([s.count_large > 0 for s in sites])  # [n_sites, width]
+    present = torch.stack([s.stats["count_large"] > 0 for s in sites])  # [n_sites, width]
     blocks = sorted({block_of(s.names[0]) for s in sites})
     in_block = torch.stack(
         [present[[i for i, s in enumerate(sites) if block_of(s.names[0]) == b]].any(dim=0) for b in blocks]
@@ -225,7 +177,7 @@ def find_outliers(
         site_names=["+".join(s.names) for s in sites],
         large_dims_per_site=present.sum(dim=1).tolist(),
         outliers_per_site=present[:, dims].sum(dim=1).tolist(),
-        magnitudes=torch.stack([s.max_abs for s in sites]),
+        magnitudes=torch.stack([s.stats["max_abs"] for s in sites]),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -105,3 +106,59 @@ def weight_histograms(
     axes[0].set_ylabel("count")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+SCALE_PLOT_METHODS = {  # method -> (label, marker, colour); fp32 is the reference, not drawn
+    "absmax_tensor": ("absmax per-tensor", "v", "tab:gray"),
+    "zeropoint_tensor": ("zero-point per-tensor", "^", "tab:olive"),
+    "absmax_vector": ("vector-wise (alpha=0)", "s", "tab:orange"),
+    "bitsandbytes": ("bitsandbytes 0.50.2", "D", "tab:red"),
+    "bnb_emulated": ("bitsandbytes semantics (emulated)", "D", "tab:red"),
+    "llm_int8": ("LLM.int8() (alpha=6)", "o", "tab:blue"),
+    "llm_int8_calibrated": ("LLM.int8() + calibrated 16-bit cols", "*", "tab:purple"),
+}
+
+
+SCALE_PLOT_FLOOR = 0.01  # %: values at or below are drawn on the floor of the log axes (said in the labels)
+
+
+def scale_plot(rows: list[dict], note: str, path: Path) -> Path:
+    """Degradation vs model size, one line per int8 method, models on a log axis of parameters: the
+    perplexity increase over fp32 and the share of next-token predictions that differ from fp32's (both %,
+    log axes; values <= ``SCALE_PLOT_FLOOR`` drawn on the floor). ``note`` (where the models came from)
+    is printed under the title."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["parameters"])
+    sizes = [r["parameters"] / 1e9 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
+    for method, (label, marker, colour) in SCALE_PLOT_METHODS.items():
+        if not all(method in r["perplexity"] for r in rows):
+            continue
+        base = [r["perplexity"]["fp32"]["perplexity"] for r in rows]
+        delta = [100 * (r["perplexity"][method]["perplexity"] / b - 1) for r, b in zip(rows, base)]
+        differ = [100 * (1 - r["perplexity"][method]["top1_agreement"]) for r in rows]
+        style = dict(marker=marker, color=colour, label=label, lw=2.2 if method.startswith("llm_int8") else 1.2)
+        left.plot(sizes, [max(d, SCALE_PLOT_FLOOR) for d in delta], **style)
+        right.plot(sizes, [max(d, SCALE_PLOT_FLOOR) for d in differ], **style)
+    plain = importlib.import_module("matplotlib.ticker").FuncFormatter(lambda value, _: f"{value:g}")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f"{r['model']}\n{s:.2f} B" for r, s in zip(rows, sizes)], fontsize=8)
+        ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("model (parameters)")
+    left.set_ylabel(f"perplexity increase over fp32 (%; <= {SCALE_PLOT_FLOOR:g} on the floor)")
+    left.set_title("Perplexity degradation vs model size")
+    right.yaxis.set_minor_formatter(plain)  # this axis spans about a decade: label its 2..9 ticks too
+    right.set_ylabel("next-token argmax unlike fp32's (%)")
+    right.set_title("Disagreement with fp32's next-token choice")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(note, 150)), fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return path

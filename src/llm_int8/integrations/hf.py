@@ -544,10 +544,28 @@ def quantize_model(model, config: LLMInt8Config | None = None) -> QuantizeReport
                 f"the model is already quantized ({name} holds a {weight.dtype} weight); load it in float "
                 "(without quantization_config) before calling quantize_model"
             )
+    quantizer = prepare_int8_model(model, config)
+    finish_int8_model(model, quantizer)
+    return quantizer.report
+
+
+def prepare_int8_model(model, config: LLMInt8Config) -> LLMInt8HfQuantizer:
+    """Swap the linear layers of a transformers model for ``Linear8bitLt`` as ``from_pretrained`` would,
+    and mark the model quantized; returns the quantizer (its ``report`` names the converted layers).
+
+    The model may hold float weights (:func:`quantize_model`) or be a skeleton whose linear weights
+    are still on the meta device and are filled afterwards (``llm_int8.integrations.gguf``); either
+    way the same layers are converted. Call :func:`finish_int8_model` once every weight is in place.
+    """
     quantizer = LLMInt8HfQuantizer(config, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     quantizer._process_model_before_weight_loading(model)
+    return quantizer
+
+
+def finish_int8_model(model, quantizer: LLMInt8HfQuantizer) -> None:
+    """Record the config on a model converted by :func:`prepare_int8_model`, so that ``save_pretrained``
+    writes a pre-quantized checkpoint that ``from_pretrained`` reloads without arguments."""
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
-    return quantizer.report

@@ -1,0 +1,194 @@
+"""Load a GGUF checkpoint tensor by tensor, straight into an int8 (or float) transformers model.
+
+transformers loads a GGUF file (``from_pretrained(..., gguf_file=...)``) by dequantizing every tensor
+into one float state dict and then building the model from it, so the whole float model exists,
+often twice over, before :func:`llm_int8.integrations.hf.quantize_model` can shrink it: for
+Qwen2.5-1.5B that is a peak of 8.65 GiB RSS for a 3 GiB int8 model. :func:`load_gguf` never holds
+the float model:
+
+1. the model is built on the meta device from the config transformers derives from the GGUF
+   metadata (``AutoConfig.from_pretrained(dir, gguf_file=...)``, the same code path), with its
+   non-persistent buffers (rotary frequencies) real;
+2. with a quantization config, its linear layers are swapped for meta ``Linear8bitLt`` by the same
+   function ``quantize_model`` uses (:func:`llm_int8.integrations.hf.prepare_int8_model`), so the
+   same layers are converted and the same ones (embeddings, head, tied layers) stay float;
+3. each tensor is read from the memory-mapped file and dequantized with the ``gguf`` package (what
+   transformers' GGUF loader calls, on the same bytes), renamed with transformers' own GGUF name map
+   and tensor processors (``get_gguf_hf_weights_map``, ``TENSOR_PROCESSORS``), and put in place; a
+   linear weight is quantized to int8 at once through ``Linear8bitLt``'s state-dict loading (the
+   ``F.quantize_weight`` that ``quantize_model`` runs), and its float copy dropped. The pages of the
+   file each tensor was read from are handed back to the kernel (:mod:`llm_int8._memory`), and large
+   tensors are dequantized a slab of rows at a time into their final storage.
+
+So the peak is the int8 model plus one float linear weight, one slab of a large float tensor and the
+interpreter. The result is bit-identical to ``quantize_model`` applied to transformers' float32 GGUF
+load (``tests/test_gguf.py``), and ``save_pretrained`` writes the same bitsandbytes-format checkpoint.
+
+This is the second file of the package that imports transformers (and the only one importing
+``gguf``): it uses transformers' GGUF reader, config path and name mapping rather than a copy of
+them, and lives here, beside ``hf.py``, so the core never imports either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+for _module, _extra in (("transformers", "hf"), ("gguf", "hf")):
+    if importlib.util.find_spec(_module) is None:
+        raise ImportError(f"llm_int8.integrations.gguf needs {_module}; install the extra: pip install 'llm-int8[{_extra}]'")
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+from gguf.quants import quant_shape_to_byte_shape
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+from .. import _memory
+from ..nn import Linear8bitLt
+from .hf import LLMInt8Config, finish_int8_model, prepare_int8_model
+
+# Large tensors (embeddings, an untied head) are dequantized this many elements at a time (64 MiB of
+# float32), straight into their final storage: the gguf package's numpy dequantizers allocate several
+# temporaries the size of their input.
+DEQUANT_SLAB_ELEMENTS = 1 << 22
+
+
+def gguf_config(path: str | os.PathLike):
+    """The transformers config of a GGUF file, as ``from_pretrained(dir, gguf_file=...)`` derives it."""
+    path = Path(path)
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    quantization_config: LLMInt8Config | None = None,
+    *,
+    config=None,
+    dtype: torch.dtype = torch.float32,
+    release_pages: bool = True,
+):
+    """A transformers causal LM built tensor by tensor from the GGUF file ``path``, in eval mode.
+
+    quantization_config: an :class:`LLMInt8Config` gives the int8 model (linear layers converted as
+        ``quantize_model`` converts them, quantized as they stream in); ``None`` the float model.
+    config: the model's transformers config, if already known (default: derived from the file's
+        metadata, as transformers does).
+    dtype: the float dtype of every tensor that stays float (embeddings, norms, head, biases).
+    release_pages: give each tensor's pages of the mapped file back once it is converted (Linux).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    if quantization_config is not None and not isinstance(quantization_config, LLMInt8Config):
+        raise TypeError(f"quantization_config must be an LLMInt8Config or None, got {type(quantization_config).__name__}")
+    architecture, tensors = _tensor_table(path)
+    config = gguf_config(path) if config is None else config
+    with init_empty_weights(include_buffers=False):  # parameters on meta, rotary buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)  # gguf name -> transformers name, on the float skeleton
+    model.tie_weights()
+    expected = [name for name, _ in model.named_parameters()]  # a tied head is the embedding: listed once
+    quantizer = prepare_int8_model(model, quantization_config) if quantization_config is not None else None
+
+    loaded = set()
+    parsed = {"tensors": {}}  # where transformers' processors would put tensors they split (MoE experts)
+    for info in tensors:
+        values = _dequantize(info.data, info.qtype)
+        result = processor.process(weights=values, name=info.name, tensor_key_mapping=names, parsed_parameters=parsed)
+        if parsed["tensors"]:
+            raise NotImplementedError(
+                f"{path.name}: the {architecture} tensor processor splits {info.name} into several tensors, "
+                "which the streaming loader does not support; load it with from_pretrained(..., gguf_file=...)"
+            )
+        if result.name in names:
+            tensor = torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype)
+            _put(model, names[result.name], tensor)
+            loaded.add(names[result.name])
+        del values, result
+        if release_pages:
+            _memory.release_pages(info.data.ctypes.data, info.data.nbytes)
+            _memory.trim_heap()  # the float temporaries' heap pages, which the int8 results would pin
+    del tensors
+
+    model.tie_weights()  # a tied head takes the loaded embedding
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        raise ValueError(
+            f"{path.name} holds no tensor for {len(missing)} of the model's weights ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}): the file does not match the {config.model_type} architecture"
+        )
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the streaming loader left {', '.join(left[:4])} on the meta device; this is a bug")
+    if quantizer is not None:
+        finish_int8_model(model, quantizer)
+    _memory.trim_heap()
+    return model.eval()
+
+
+class _Tensor(NamedTuple):
+    name: str
+    qtype: GGMLQuantizationType
+    data: np.ndarray  # uint8 [rows, bytes per row] (quant_shape_to_byte_shape): a view of the mapped file
+
+
+def _tensor_table(path: Path) -> tuple[str, list[_Tensor]]:
+    """(architecture, every tensor of the file in file order) from transformers' GGUF header reader.
+
+    Its public ``GgufHeader`` refuses ggml types it has no packed kernel for (Q5_0, which the Qwen2.5
+    files use), and ``gguf.GGUFReader`` turns each of a 151,936-token vocabulary's strings into numpy
+    views (~10 s per load); the reader's metadata and tensor-table functions do neither.
+    """
+    blob = np.asarray(_mapped(str(path)))  # a plain ndarray view: numpy's memmap subclass costs per slice
+    metadata, count, pos = _read_metadata(blob, str(path))
+    entries, pos = _read_tensor_table(blob, count, pos)
+    alignment = metadata.get("general.alignment", 32)
+    data_start = (pos + alignment - 1) // alignment * alignment
+    tensors = []
+    for name, shape, ggml_type, offset in entries:
+        qtype = GGMLQuantizationType(ggml_type)
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        start = data_start + offset
+        nbytes = math.prod(shape) // block * block_bytes
+        data = blob[start : start + nbytes].reshape(quant_shape_to_byte_shape(shape, qtype))
+        tensors.append(_Tensor(name, qtype, data))
+    return metadata["general.architecture"], tensors
+
+
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """float32 values of one tensor, dequantized by the gguf package as transformers' GGUF loader
+    does, a slab of rows at a time when large."""
+    if data.ndim != 2 or data.nbytes <= DEQUANT_SLAB_ELEMENTS // 4:
+        values = dequantize(data, qtype)
+        # float tensors come back as views of the read-only file mapping: copy them out
+        return values.astype(np.float32, copy=np.shares_memory(values, data))
+    first = dequantize(data[:1], qtype)  # one row: the row length in elements
+    out = np.empty((data.shape[0], first.shape[1]), dtype=np.float32)
+    step = max(1, DEQUANT_SLAB_ELEMENTS // first.shape[1])
+    for row in range(0, data.shape[0], step):
+        out[row : row + step] = dequantize(data[row : row + step], qtype)
+    return out
+
+
+def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Load one tensor into ``model`` by its qualified name; an int8 layer quantizes a float weight
+    (``Linear8bitLt``'s state-dict loading: the same ``F.quantize_weight`` as ``quantize_model``)."""
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    current = getattr(module, leaf, None)
+    if not isinstance(current, torch.Tensor):
+        raise ValueError(f"the GGUF tensor for {name} has no place in the model")
+    if tuple(tensor.shape) != tuple(current.shape):
+        raise ValueError(f"the GGUF tensor for {name} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
+    errors = module.load_state_dict({leaf: tensor}, strict=False, assign=True)
+    if errors.unexpected_keys:
+        raise ValueError(f"cannot load the GGUF tensor for {name}: {errors}")
