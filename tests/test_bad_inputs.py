@@ -17,6 +17,7 @@ from torch import nn
 
 import llm_int8
 import llm_int8.functional as F
+from llm_int8.eval import baselines
 from llm_int8 import Int8Config, Linear8bitLt
 from llm_int8.checkpoint import CheckpointError, load_checkpoint, load_state_dict, save_checkpoint
 
@@ -57,15 +58,15 @@ def mixed(**kwargs):
 
 CATALOGUE = [
     # -- functional: quantization primitives
-    BadInput("absmax_quantize(x)", "x is not a tensor", lambda: F.absmax_quantize([1.0, 2.0]),
+    BadInput("absmax_quantize(x)", "x is not a tensor", lambda: baselines.absmax_quantize([1.0, 2.0]),
              TypeError, "x must be a torch.Tensor, got list"),
-    BadInput("absmax_quantize(x)", "x is an integer tensor", lambda: F.absmax_quantize(torch.ones(3, dtype=torch.int32)),
+    BadInput("absmax_quantize(x)", "x is an integer tensor", lambda: baselines.absmax_quantize(torch.ones(3, dtype=torch.int32)),
              TypeError, r"must be float16, bfloat16 or float32, got torch.int32; cast it first"),
-    BadInput("absmax_quantize(x)", "x is float64", lambda: F.absmax_quantize(torch.ones(3, dtype=torch.float64)),
+    BadInput("absmax_quantize(x)", "x is float64", lambda: baselines.absmax_quantize(torch.ones(3, dtype=torch.float64)),
              TypeError, r"got torch.float64; cast it first, e.g. x.float\(\)"),
-    BadInput("absmax_quantize(x)", "x is a 0-d scalar", lambda: F.absmax_quantize(torch.tensor(1.0)),
+    BadInput("absmax_quantize(x)", "x is a 0-d scalar", lambda: baselines.absmax_quantize(torch.tensor(1.0)),
              ValueError, "at least one dimension"),
-    BadInput("zeropoint_quantize(x)", "x is empty", lambda: F.zeropoint_quantize(torch.ones(0, 3)),
+    BadInput("zeropoint_quantize(x)", "x is empty", lambda: baselines.zeropoint_quantize(torch.ones(0, 3)),
              ValueError, "cannot choose a zero point for an empty tensor"),
     BadInput("int8_vectorwise_quant(x, threshold)", "threshold < 0",
              lambda: F.int8_vectorwise_quant(x(), threshold=-1.0), ValueError, "threshold must be >= 0"),

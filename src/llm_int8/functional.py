@@ -145,66 +145,6 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Quantization primitives: the paper's per-tensor baselines and vector-wise quantization
-
-
-def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax quantization: ``codes = round(x * 127 / absmax)``, int8 in [-127, 127].
-
-    Granularity: ``dim=None`` gives one absmax for the whole tensor (per-tensor, the naive
-    baseline); ``dim=d`` gives one absmax per slice along d, i.e. ``absmax = max |x|`` reduced over
-    d with keepdim (``dim=-1`` on x [M, K] is row-wise / vector-wise). Returns (codes with x's
-    shape, absmax float32 broadcastable to x). An all-zero slice gets absmax 0 and codes 0.
-    """
-    _check_float_input(x)
-    xf = x.float()
-    if xf.numel() == 0:  # amax has no identity; sum of nothing gives zeros of the reduced shape
-        absmax = xf.abs().sum(dim=dim, keepdim=dim is not None)
-    else:
-        absmax = xf.abs().amax() if dim is None else xf.abs().amax(dim=dim, keepdim=True)
-    scale = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax))
-    return (xf * scale).round_().nan_to_num_(nan=0.0).to(torch.int8), absmax
-
-
-def absmax_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`absmax_quantize`: ``codes * absmax / 127`` in ``dtype``."""
-    return (codes.float() * (absmax.float() / INT8_MAX)).to(dtype)
-
-
-def zeropoint_quantize(
-    x: torch.Tensor, dim: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric (zero-point) quantization onto the full int8 range [-128, 127].
-
-    ``scale = 255 / (max - min)``, ``zero_point = round(-scale * min) - 128``,
-    ``codes = clamp(round(scale * x) + zero_point, -128, 127)``. Granularity as in
-    :func:`absmax_quantize` (``dim=None``: per tensor; ``dim=d``: one (scale, zero_point) per slice
-    along d). A constant slice (max == min) gets scale 1 so it still round-trips within 0.5.
-    Returns (codes int8, scale float32, zero_point float32).
-    """
-    _check_float_input(x)
-    if x.numel() == 0:
-        raise ValueError(f"cannot choose a zero point for an empty tensor (shape {tuple(x.shape)})")
-    xf = x.float()
-    if dim is None:
-        lo, hi = xf.min(), xf.max()
-    else:
-        lo, hi = xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True)
-    span = hi - lo
-    scale = torch.where(span > 0, 255.0 / span, torch.ones_like(span))
-    zero_point = torch.round(-scale * lo) - 128.0
-    codes = (torch.round(scale * xf) + zero_point).clamp_(-128, 127)
-    return codes.to(torch.int8), scale, zero_point
-
-
-def zeropoint_dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Inverse of :func:`zeropoint_quantize`: ``(codes - zero_point) / scale`` in ``dtype``."""
-    return ((codes.float() - zero_point) / scale).to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # The LLM.int8() ops
 
 

@@ -32,15 +32,6 @@ SCHEMES = ("absmax", "zeropoint")
 GRANULARITIES = ("tensor", "row", "vector")
 
 
-def _check_float(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}; cast it first, e.g. x.float()")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is the feature dim K), got a scalar")
-
-
 def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax quantization: ``codes = round(x * 127 / absmax)``, int8 in [-127, 127].
 
@@ -49,7 +40,7 @@ def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tens
     row-wise). Returns (codes with x's shape, absmax float32 broadcastable to x). An all-zero slice
     gets absmax 0 and codes 0.
     """
-    _check_float(x)
+    F._check_float_input(x)
     xf = x.float()
     if xf.numel() == 0:  # amax has no identity; sum of nothing gives zeros of the reduced shape
         absmax = xf.abs().sum(dim=dim, keepdim=dim is not None)
@@ -72,7 +63,7 @@ def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.T
     :func:`absmax_quantize`. A constant slice (max == min) gets scale 1 so it still round-trips
     within 0.5. Returns (codes int8, scale float32, zero_point float32, integer-valued).
     """
-    _check_float(x)
+    F._check_float_input(x)
     if x.numel() == 0:
         raise ValueError(f"cannot choose a zero point for an empty tensor (shape {tuple(x.shape)})")
     xf = x.float()
