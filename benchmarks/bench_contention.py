@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from torch import nn
 
 import llm_int8
 from llm_int8 import cpu
+from llm_int8.eval.speed import cpu_name
 
 SHAPES_KN = [(576, 1536), (4096, 4096), (4096, 11008)]
 MS = [1, 16, 512]
@@ -46,17 +46,6 @@ THRESHOLD = 6.0
 BUSY_K, BUSY_N, BUSY_M = 576, 1536, 512
 CELL_SECONDS = 1.5  # time budget per (shape, M, condition) cell, both implementations together
 MAX_CALLS = 200
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def other_load() -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -62,6 +61,7 @@ def main() -> None:
     from llm_int8.convert import select_layers
     from llm_int8.eval.methods import build_method
     from llm_int8.eval.models import load_model, model_title, tokenize
+    from llm_int8.eval.speed import cpu_name
 
     transformers.utils.logging.disable_progress_bar()
     fp32, tokenizer = load_model(args.model)
@@ -79,7 +79,7 @@ def main() -> None:
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
                        min_new_tokens=args.tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"model: {model_title(args.model)}; memory fp32 {memory_footprint(fp32) / 2**20:.0f} MiB, "
           f"int8 {memory_footprint(int8) / 2**20:.0f} MiB (embedding and head float)")

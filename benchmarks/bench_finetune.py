@@ -31,19 +31,16 @@ import llm_int8
 from llm_int8 import _memory
 from llm_int8.eval.data import load_corpus
 from llm_int8.eval.models import load_model, tokenize
+from llm_int8.eval.speed import cpu_name
 
 BACKENDS = ("fp32", "llm-int8", "bitsandbytes")
 MiB = 2**20
 
 
 def machine() -> str:
-    name, flags = "unknown CPU", set()
+    name, flags = cpu_name(), set()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     with contextlib.suppress(OSError), open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])

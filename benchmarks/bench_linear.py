@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 
 import torch
@@ -22,23 +21,12 @@ from torch import nn
 
 import llm_int8
 from llm_int8 import cpu
-from llm_int8.eval.speed import timed_rounds
+from llm_int8.eval.speed import cpu_name, timed_rounds
 from llm_int8.functional import quantize_weight
 
 OUTLIER_SHARE = 0.001
 OUTLIER_SCALE = 30.0
 THRESHOLD = 6.0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_inputs(m, k, seed=0):

@@ -253,7 +253,7 @@ def main() -> None:
         results = {case: median_of(r) for case, r in runs.items()}
 
     base, fp32 = results["baseline"], results["fp32-touched"]
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
+    print(f"machine: {describe_machine()}")
     print(f"checkpoint: {size / MIB:.0f} MiB float32 in {SHARD_BYTES // MIB} MiB shards, Llama-shaped, {args.layers} layers, {SHAPE}")
     what = f"median of {args.repeat} runs" if args.repeat > 1 else "one run"
     print(f"{'case':<17}{'footprint':>10}{'peak RSS':>10}{'anon peak':>11}{'file peak':>11}{'released':>10}"
@@ -280,13 +280,9 @@ def main() -> None:
 
 
 def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}"
+    from llm_int8.eval.speed import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}"
 
 
 def gguf_main(model: str, repeat: int) -> None:

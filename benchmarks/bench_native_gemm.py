@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,19 +36,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llm_int8 import _native  # noqa: E402
+from llm_int8.eval.speed import cpu_name  # noqa: E402
 
 SHAPES_KN = [(576, 1536), (4096, 4096), (4096, 11008)]
 M_DEFAULT = [1, 16, 128, 512]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_avg() -> str:
@@ -89,7 +79,7 @@ def main() -> None:
         _FLUSH = torch.ones(64 * 2**20, dtype=torch.float32)
     ms = [int(v) for v in args.m.split(",") if v]
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), "
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), "
           f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {torch.get_num_threads()}")
     if not _native.available():

@@ -14,6 +14,7 @@ reported, so a machine whose load changes during the run favours no model.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,19 @@ import torch
 from torch import nn
 
 Progress = Callable[[Iterable], Iterable]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; platform's guess elsewhere): benchmark figures say
+    which CPU they came from."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _identity(iterable):
