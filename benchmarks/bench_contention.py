@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import llm_int8
-from llm_int8 import cpu
+from llm_int8 import _native, cpu
 from llm_int8.eval.speed import cpu_name
 
 SHAPES_KN = [(576, 1536), (4096, 4096), (4096, 11008)]
@@ -175,7 +175,11 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per decode")
     parser.add_argument("--busy-limit", type=float, default=600.0, help="seconds after which a busy process ends itself")
     parser.add_argument("--busy-worker", choices=["int8", "fp32"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads-runner", choices=["torch", "own"],
+                        help="LLM_INT8_THREADS for this run and its busy processes (default: the library's)")
     args = parser.parse_args(argv)
+    if args.threads_runner:  # read when the kernel loads, in this process and the busy ones it starts
+        os.environ["LLM_INT8_THREADS"] = args.threads_runner
     if args.busy_worker:
         busy_worker(args.busy_worker, args.busy_limit)
         return
@@ -186,7 +190,7 @@ def main(argv=None):
     kinds = {"idle": None, "busy-int8": "int8", "busy-fp32": "fp32"}
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, llm_int8 {llm_int8.__version__}, "
-          f"int8 GEMM path {cpu.gemm_path(1, 4096, 4096)}")
+          f"int8 GEMM path {cpu.gemm_path(1, 4096, 4096)}, kernel threads: {_native.thread_runner()}")
     print(f"busy processes: {BUSY_K} -> {BUSY_N} layer at M = {BUSY_M} in a loop, torch's default threads; "
           f"alpha = {THRESHOLD}, {OUTLIER_SHARE:.1%} outlier columns x{OUTLIER_SCALE:g}")
     print(f"before: {other_load()}")

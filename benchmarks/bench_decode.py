@@ -7,8 +7,10 @@ at each thread count asked for. Forward hooks split each step's wall time into t
 layers (nn.Linear in fp32, Linear8bitLt in int8), the output head (float in both) and the rest
 (attention, norms, embedding, the model's Python); the figures are per generated token, medians over
 ``--repeats`` rounds. The hooks themselves cost a few microseconds per layer call, the same for both.
+Then, with ``--prefill T`` (default 512; 0 skips it), one forward over the first T tokens of
+Shakespeare, split the same way, at the default thread count.
 
-    python benchmarks/bench_decode.py [--model qwen2.5-1.5b] [--threads 2 1] [--repeats 3] [--tokens 16]
+    python benchmarks/bench_decode.py [--model qwen2.5-1.5b] [--threads 2 1] [--repeats 3] [--tokens 16] [--prefill 512]
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=512, help="tokens of the prefill forward (0: skip it)")
     args = parser.parse_args()
 
     import transformers
@@ -61,6 +64,7 @@ def main() -> None:
     from llm_int8.convert import select_layers
     from llm_int8.eval.methods import build_method
     from llm_int8.eval.models import load_model, model_title, tokenize
+    from llm_int8.eval.data import load_corpus
     from llm_int8.eval.speed import cpu_name
 
     transformers.utils.logging.disable_progress_bar()
@@ -84,30 +88,44 @@ def main() -> None:
     print(f"model: {model_title(args.model)}; memory fp32 {memory_footprint(fp32) / 2**20:.0f} MiB, "
           f"int8 {memory_footprint(int8) / 2**20:.0f} MiB (embedding and head float)")
     print(f"per generated token (ms), generate() of {args.tokens} tokens, medians of {args.repeats} rounds in turns:")
-    print(f"{'threads':>7} {'model':>5} {'total':>8} {'linears':>8} {'head':>7} {'rest':>7} {'tokens/s':>9} {'vs fp32':>8}")
+    header = f"{'threads':>7} {'model':>5} {'total':>8} {'linears':>8} {'head':>7} {'rest':>7} {'tokens/s':>9} {'vs fp32':>8}"
+    print(header)
     default_threads = torch.get_num_threads()
+
+    def split_rounds(run, threads: int) -> dict[str, tuple[float, float, float]]:
+        """Median seconds (total, linears, head) of run(model) per model, in turns, round 0 a warm-up."""
+        torch.set_num_threads(threads)
+        rounds = {name: [] for name in models}
+        for round_index in range(args.repeats + 1):
+            for name, model in models.items():
+                timer = StepTimer(kinds[name])
+                start = time.perf_counter()
+                run(model)
+                total = time.perf_counter() - start
+                timer.remove()
+                if round_index:
+                    rounds[name].append((total, timer.seconds["linears"], timer.seconds["head"]))
+        torch.set_num_threads(default_threads)
+        return {name: tuple(statistics.median(r[i] for r in runs) for i in range(3)) for name, runs in rounds.items()}
+
+    def print_rows(threads: int, medians, per: int) -> None:
+        rates = {name: per / total for name, (total, _, _) in medians.items()}
+        for name, (total, linears, head) in medians.items():
+            total, linears, head = (v / per * 1e3 for v in (total, linears, head))
+            print(f"{threads:>7} {name:>5} {total:>8.2f} {linears:>8.2f} {head:>7.2f} {total - linears - head:>7.2f} "
+                  f"{rates[name]:>9.2f} {rates[name] / rates['fp32']:>7.2f}x")
+
     with torch.inference_mode():
         for threads in args.threads:
-            torch.set_num_threads(threads)
-            rounds = {name: [] for name in models}
-            for round_index in range(args.repeats + 1):  # round 0 warms up
-                for name, model in models.items():
-                    timer = StepTimer(kinds[name])
-                    start = time.perf_counter()
-                    generate(model)
-                    total = time.perf_counter() - start
-                    timer.remove()
-                    if round_index:
-                        rounds[name].append((total, timer.seconds["linears"], timer.seconds["head"]))
-            rates = {}
-            for name, runs in rounds.items():
-                total, linears, head = (statistics.median(r[i] for r in runs) / args.tokens * 1e3 for i in range(3))
-                rates[name] = 1e3 / total
-                print(f"{threads:>7} {name:>5} {total:>8.1f} {linears:>8.1f} {head:>7.1f} {total - linears - head:>7.1f} "
-                      f"{rates[name]:>9.2f} {rates[name] / rates['fp32']:>7.2f}x")
-    torch.set_num_threads(default_threads)
-    print("(the prompt's prefill is included in the total, spread over the tokens; 'rest' is everything outside the "
-          "converted linears and the head)")
+            print_rows(threads, split_rounds(generate, threads), args.tokens)
+        print("(the prompt's prefill is included in the total, spread over the tokens; 'rest' is everything outside the "
+              "converted linears and the head)")
+        if args.prefill:
+            ids = tokenize(tokenizer, load_corpus()[:20 * args.prefill])[: args.prefill].unsqueeze(0)
+            print(f"\nprefill: one forward over {ids.shape[1]} tokens of Shakespeare, per token (ms), medians of "
+                  f"{args.repeats} rounds in turns:")
+            print(header)
+            print_rows(default_threads, split_rounds(lambda model: model(input_ids=ids), default_threads), ids.shape[1])
 
 
 if __name__ == "__main__":

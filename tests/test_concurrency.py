@@ -8,6 +8,7 @@ check that neither the model's state nor the inputs were touched.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from torch import nn
 
 import llm_int8
 import llm_int8.functional as F
+from llm_int8 import _native
 
 pytestmark = pytest.mark.usefixtures("restore_torch_rng")  # leave the global RNG as found
 
@@ -146,16 +148,37 @@ def test_threads_share_a_transformers_model():
             assert_bitwise_equal(out, want)
 
 
-def test_threads_share_the_kernels_thread_pool():
-    """Layers large enough for the native kernel's own helper threads, called from several Python
-    threads at once: one call holds the pool, the others run on their own thread, all bit-identical."""
+@pytest.fixture(params=_native.RUNNERS)
+def runner(request):
+    """The kernels' threads: torch's OpenMP threads, then the library's own pool; restored after."""
+    if not _native.available():
+        pytest.skip(f"native kernels unavailable: {_native.unavailable_reason()}")
+    before = _native.thread_runner()
+    got = _native.set_thread_runner(request.param)
+    if got != request.param:
+        _native.set_thread_runner(before)
+        pytest.skip(f"torch does not run on libgomp here (runner {got})")
+    yield got
+    _native.set_thread_runner(before)
+
+
+def _big_layer_and_inputs(n_inputs):
     gen = torch.Generator().manual_seed(4)
     layer = llm_int8.Linear8bitLt.from_linear(nn.Linear(1024, 2048))
     inputs = []
-    for i in range(N_THREADS):
+    for i in range(n_inputs):
         x = torch.randn((64, 1024), generator=gen)
         x[:, 3 * i] *= 40.0
+        x[:, 100 : 100 + 9 * i] *= 20.0  # up to 45 decomposed columns: the gathered-column path
         inputs.append(x)
+    return layer, inputs
+
+
+def test_threads_share_the_kernels_thread_pool(runner):
+    """Layers large enough for two kernel threads, called from several Python threads at once (with
+    our pool: one call holds it, the others run on their own thread; with torch's OpenMP: a team
+    each), all bit-identical to the same calls made one at a time."""
+    layer, inputs = _big_layer_and_inputs(N_THREADS)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -167,3 +190,65 @@ def test_threads_share_the_kernels_thread_pool():
     for want, got in zip(expected, results):
         for out in got:
             assert_bitwise_equal(out, want)
+
+
+def test_runners_give_the_same_bits():
+    if not _native.available():
+        pytest.skip(f"native kernels unavailable: {_native.unavailable_reason()}")
+    layer, inputs = _big_layer_and_inputs(3)
+    before, old = _native.thread_runner(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            outs = {}
+            for name in _native.RUNNERS:
+                outs[_native.set_thread_runner(name)] = [layer(x) for x in inputs]
+    finally:
+        _native.set_thread_runner(before)
+        torch.set_num_threads(old)
+    one_thread = None
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            one_thread = [layer(x) for x in inputs]
+    finally:
+        torch.set_num_threads(old)
+    for got in outs.values():
+        for a, b in zip(got, one_thread):
+            assert_bitwise_equal(a, b)
+
+
+_FORK_CASE = {}
+
+
+def _call_in_child(conn):
+    # only the layer call: torch's own OpenMP ops can hang in a forked child (libgomp has no fork
+    # handler), which is torch's matter; the kernel's call must not
+    layer, x = _FORK_CASE["layer"], _FORK_CASE["x"]
+    with torch.inference_mode():
+        conn.send(layer(x).numpy())  # (a tensor would go through torch's shared-memory pickling)
+
+
+def test_a_forked_child_runs_the_kernels(runner):
+    """After the parent ran two-thread calls, a fork()ed child (no helper or OpenMP team threads of
+    the parent's) still runs them, with the same bits."""
+    layer, inputs = _big_layer_and_inputs(1)
+    _FORK_CASE.update(layer=layer, x=inputs[0])
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            want = layer(inputs[0])
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_call_in_child, args=(child,))
+        proc.start()
+        ready = parent.poll(120)
+        got = torch.from_numpy(parent.recv()) if ready else None
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    finally:
+        torch.set_num_threads(old)
+    assert ready, "the forked child did not finish its layer call within 120 s"
+    assert_bitwise_equal(got, want)

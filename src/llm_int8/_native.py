@@ -51,7 +51,9 @@ MAX_K = (2**31 - 1) // (127 * 127)  # 133144
 MAX_K_FULL_RANGE = (2**31 - 1) // (128 * 128)  # 131071
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_gemm_avx2.c"
-_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden"]
+# -ffp-contract=off: a * b + c stays two roundings unless the source asks for an FMA (the fused
+# forward matches the eager path's float32 operations bit for bit)
+_CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-ffp-contract=off"]
 #: Instruction-set names and the codes the C entry points take (bits of llm_int8_cpu_features()).
 ISA_CODES = {"avx2": 1, "avx512_vnni": 2}
 _FP_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -68,9 +70,14 @@ SYMBOLS = {
     "llm_int8_mixed_linear_f32": ([_P, _P, _I64, _I64, _P, _P, _INT], _I64),
     # A (bf16), lda, W (int8), ldw, C (float32), ldc, M, N, K, threads
     "llm_int8_grad_bf16_s8": ([_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], _INT),
+    "llm_int8_set_omp_runner": ([_P], None),
 }
 #: llm_int8_cpu_features() bit for AVX-512 BF16 (the backward kernel), beside ISA_CODES' bits.
 _FEATURE_AVX512_BF16 = 4
+
+#: Who runs the kernels' parallel parts (see set_thread_runner); LLM_INT8_THREADS overrides the default.
+RUNNERS = ("torch", "own")
+DEFAULT_RUNNER = "torch"
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "fns": None, "isas": (), "reason": None, "path": None}
@@ -181,7 +188,13 @@ def _try_load():
     features = fns["llm_int8_cpu_features"]()  # authoritative: cpuid via __builtin_cpu_supports
     isas = tuple(name for name, code in ISA_CODES.items() if features & code)
     if "avx2" not in isas:
-        raise RuntimeError("the CPU does not support AVX2 and F16C")
+        raise RuntimeError("the CPU does not support AVX2, F16C and FMA")
+    runner = os.environ.get("LLM_INT8_THREADS", DEFAULT_RUNNER).strip() or DEFAULT_RUNNER
+    if runner not in RUNNERS:
+        raise RuntimeError(f"LLM_INT8_THREADS must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    address = _torch_gomp_parallel() if runner == "torch" else None
+    fns["llm_int8_set_omp_runner"](address)
+    _state["runner"] = "torch" if address else "own"
     return fns, isas, path
 
 
@@ -472,3 +485,41 @@ def grad_bf16_s8(a: torch.Tensor, weight_int8: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise MemoryError("the native backward kernel could not allocate its 32 KiB packing buffers")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Which threads run the kernels' parallel parts
+
+
+def _torch_gomp_parallel() -> int | None:
+    """Address of GOMP_parallel in the OpenMP runtime torch runs on (its libgomp), or None."""
+    import re
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = set(re.findall(r"(/\S*/libgomp[^/\s]*\.so[^/\s]*)", f.read()))
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    ours = [p for p in paths if p.startswith(torch_dir)] or sorted(paths)
+    if not ours or not torch.backends.openmp.is_available():
+        return None
+    lib = ctypes.CDLL(ours[0])  # already loaded: the same runtime and thread pool as torch's
+    return ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+
+
+def set_thread_runner(runner: str) -> str:
+    """"torch": the kernels' threads are torch's OpenMP threads (when torch runs on libgomp);
+    "own": the library's pool. Returns the runner in effect."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    address = _torch_gomp_parallel() if runner == "torch" else None
+    function("llm_int8_set_omp_runner")(address)
+    _state["runner"] = "torch" if address else "own"
+    return _state["runner"]
+
+
+def thread_runner() -> str | None:
+    """The runner in effect ("torch" or "own"), None when the kernels are unavailable."""
+    _load()
+    return _state.get("runner") if _state["fns"] is not None else None

@@ -79,17 +79,27 @@
  * ---------------------------------------------------------------------------------------------
  * Threads (see parallel_for)
  * ---------------------------------------------------------------------------------------------
+ * A call is first sized: a second thread is only asked for when every thread gets at least about
+ * 50 us of work (gemm_threads), so small calls, e.g. a small model's decoding layers, run on the
+ * calling thread alone and never wait for another thread.  That sizing is what keeps a decode-sized
+ * layer fast beside another busy process (before it, every call was an OpenMP fork-join whose
+ * barrier waits for every team thread to be scheduled: measured 7-15 ms instead of 35 us).
+ *
  * The work is cut into chunks (ranges of B rows, or of A rows when N is small) taken in order from
- * an atomic counter.  The CALLING thread takes chunks itself and never waits for a helper that has
- * not started: helpers are woken when a call begins and take whatever chunks are left when they
- * get a core.  The caller waits only for chunks a helper has claimed and not yet finished, first
- * spinning for a few microseconds, then sleeping on a futex.  Idle helpers sleep on a futex; they
- * never spin.  So on a busy machine a call costs at most about its one-thread time, instead of a
- * scheduler time slice per fork-join (OpenMP's barrier waits for every team thread to be scheduled,
- * and its spinning workers held the cores: measured 7-15 ms instead of 35 us for a decode-sized
- * layer beside another busy process).  A helper is only asked for when every thread gets at least
- * about 50 us of work (gemm_threads), so small calls, e.g. a small model's decoding layers, run on
- * the calling thread alone.
+ * an atomic counter, by one of two runners:
+ *
+ *   * torch's OpenMP threads (the default where torch runs on libgomp): the library calls
+ *     GOMP_parallel of the runtime torch loaded, so its chunks run on the threads torch's own ops
+ *     run on.  Inside a model those threads are awake (libgomp spins a while after each parallel
+ *     region): measured on Qwen2.5-1.5B decoding, 2 threads, the int8 layers took 71 ms per token
+ *     this way against 110 ms with the library's own pool, whose sleeping helper had to wait for
+ *     the core that torch's spinning thread held.  The team joins at the region's end, like
+ *     torch's ops, and OMP_WAIT_POLICY / OMP_NUM_THREADS act on both alike.
+ *   * the library's own pool (LLM_INT8_THREADS=own, or where torch has no libgomp): the CALLING
+ *     thread takes chunks itself and never waits for a helper that has not started: helpers are
+ *     woken when a call begins and take whatever chunks are left when they get a core.  The caller
+ *     waits only for chunks a helper has claimed and not yet finished, first spinning for a few
+ *     microseconds, then sleeping on a futex.  Idle helpers sleep on a futex; they never spin.
  */
 
 #include <errno.h>
@@ -120,8 +130,8 @@ EXPORT int llm_int8_cpu_features(void)
 {
     int f = 0;
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init(); /* F16C (half <-> float) came before AVX2 on every x86 CPU line */
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    __builtin_cpu_init(); /* F16C (half <-> float) and FMA came with or before AVX2 on every x86 CPU line */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma")) {
         f |= ISA_AVX2;
         /* libgcc also checks that the OS saves the AVX-512 state (XCR0) */
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -173,12 +183,40 @@ static struct {
     uint32_t sleepers;
     int busy;                /* a caller holds the pool */
     int nhelpers;
-    int atfork_done;
     pthread_mutex_t start_lock;
 } pool = {.start_lock = PTHREAD_MUTEX_INITIALIZER};
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+
+/* The other runner: the OpenMP runtime the host process already uses (torch's libgomp), set by
+ * llm_int8_set_omp_runner with that library's GOMP_parallel.  Its team threads are the ones torch's
+ * own ops run on, so a call right after a torch op finds them awake instead of holding the cores. */
+typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+static gomp_parallel_fn omp_runner = NULL;
+
+static void pool_after_fork_child(void);
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
+
+EXPORT void llm_int8_set_omp_runner(void *gomp_parallel)
+{
+    pthread_once(&atfork_once, register_atfork);
+    STORE(&omp_runner, (gomp_parallel_fn)gomp_parallel);
+}
+
+typedef struct {
+    task_fn fn;
+    void *arg;
+    int64_t nchunks;
+    int64_t next;
+} omp_job;
+
+static void omp_body(void *p)
+{
+    omp_job *j = p;
+    for (int64_t k; (k = __atomic_fetch_add(&j->next, 1, __ATOMIC_SEQ_CST)) < j->nchunks;) j->fn(j->arg, k);
+}
 
 static void futex_wait(uint32_t *addr, uint32_t expected)
 {
@@ -243,6 +281,8 @@ static void pool_after_fork_child(void)
     pool.sleepers = 0;
     pool.caller_sleeps = 0;
     pthread_mutex_init(&pool.start_lock, NULL);
+    /* nor any of the parent's OpenMP team threads: libgomp in a forked child can wait for them */
+    omp_runner = NULL;
 }
 
 /* Make sure `want` helpers exist; returns how many do. */
@@ -250,10 +290,7 @@ static int pool_start(int want)
 {
     if (LOAD(&pool.nhelpers) >= want) return want;
     pthread_mutex_lock(&pool.start_lock);
-    if (!pool.atfork_done) {
-        pthread_atfork(NULL, NULL, pool_after_fork_child);
-        pool.atfork_done = 1;
-    }
+    pthread_once(&atfork_once, register_atfork);
     while (pool.nhelpers < want) {
         pthread_t t;
         pthread_attr_t attr;
@@ -272,6 +309,12 @@ static int pool_start(int want)
 
 static void parallel_for(task_fn fn, void *arg, int64_t nchunks, int nthreads)
 {
+    const gomp_parallel_fn omp = LOAD(&omp_runner);
+    if (omp && nthreads > 1 && nchunks > 1) {
+        omp_job job = {fn, arg, nchunks, 0};
+        omp(omp_body, &job, (unsigned)(nchunks < nthreads ? nchunks : nthreads), 0);
+        return;
+    }
     int expected = 0;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     int helpers = nthreads - 1;
@@ -644,7 +687,7 @@ static const kernel_set KERNELS_VNNI = {
  * micro-kernels are called through the kernel set).
  * ============================================================================================= */
 #pragma GCC push_options
-#pragma GCC target("avx2,f16c")
+#pragma GCC target("avx2,f16c,fma")
 
 static const kernel_set *kernels_for(int isa) { return isa == ISA_VNNI ? &KERNELS_VNNI : &KERNELS_AVX2; }
 
@@ -687,8 +730,11 @@ AI __m128 load_float4(const void *p, int dtype, int64_t i)
  * (the same float32 operations, in the same order, as the eager torch path), where the decomposed
  * columns c < n_int8 multiply the dequantized int8 weight column, wc[j, c] = (float)W[j, col_c] * sw[j],
  * and the others the stored float columns fpw[j, c - n_int8], read in place in their dtype.  wc is
- * gathered once per group of NR outputs and reused for all the rows of the block; any number of
- * columns is handled here. */
+ * gathered once per group of NR outputs (row j of the group at wc + j * ncp, ncp = ncols rounded up
+ * to 8 with zeros) and reused for all the rows of the block; the sum over c runs eight columns at a
+ * time with FMA, one accumulator per output, so many columns (Qwen2.5's inputs exceed the threshold
+ * in ~180 dims) cost about what a float32 GEMM of those columns costs.  Any number of columns is
+ * handled here. */
 typedef struct {
     const float *sx;       /* [M] x_absmax / 127 */
     const float *sw;       /* [N] w_absmax / 127 */
@@ -697,9 +743,10 @@ typedef struct {
     int64_t ncols;         /* decomposed columns (0: none) */
     int64_t n_int8;        /* the first n_int8 of them use the int8 weight */
     const int64_t *cols;   /* [ncols] their indices in K */
+    const int32_t *cols32; /* [n_int8] the same as int32 (the gather's offsets) */
     const float *xc;       /* [M, ncols] x at those columns */
     const int8_t *W;       /* [N, ldw] the int8 weight */
-    int64_t ldw;
+    int64_t ldw, nrows;    /* its row stride and N */
     const void *fpw;       /* [N, ncols - n_int8] the stored float weight columns */
     int fpw_dtype;
 } epilogue;
@@ -716,16 +763,57 @@ typedef struct {
     int64_t row0, col0;    /* global index of this sub-problem's first row / column */
 } gemm_args;
 
-/* wc[c * NR + j] for the nb outputs gj .. gj + nb - 1 (see the epilogue above); exact conversions. */
+/* Row length of the gathered columns: ncols rounded up to a whole vector of 8. */
+AI int64_t wc_stride(int64_t ncols) { return (ncols + 7) & ~(int64_t)7; }
+AI int64_t wc_floats(int64_t ncols) { return NR * wc_stride(ncols) + wc_stride(ncols) / 4; }
+
+/* wc[j * ncp + c] for the nb outputs gj .. gj + nb - 1 (see the epilogue above), zero for c >= ncols.
+ * wc holds wc_floats(ncols) floats: NR rows and a scratch row of bytes. */
 static void gather_wc(const epilogue *e, int64_t gj, int nb, float *wc)
 {
-    const int64_t nc = e->ncols, ni = e->n_int8, nfp = nc - ni;
+    const int64_t nc = e->ncols, ni = e->n_int8, nfp = nc - ni, ncp = wc_stride(nc);
     for (int j = 0; j < nb; j++) {
         const int64_t n = gj + j;
         const int8_t *wrow = e->W + n * e->ldw;
-        for (int64_t c = 0; c < ni; c++) wc[c * NR + j] = (float)wrow[e->cols[c]] * e->sw[n];
-        for (int64_t c = 0; c < nfp; c++) wc[(ni + c) * NR + j] = load_float(e->fpw, e->fpw_dtype, n * nfp + c);
+        const float s = e->sw[n];
+        float *w = wc + j * ncp;
+        /* the codes first, one byte each (their row of B is in cache: see gemm_serial), then
+         * converted and scaled eight at a time: cheaper than a gather instruction per eight */
+        int8_t *codes = (int8_t *)(wc + NR * ncp); /* scratch of ncp bytes after the NR rows */
+        for (int64_t c = 0; c < ni; c++) codes[c] = wrow[e->cols32[c]];
+        int64_t c = 0;
+        const __m256 vs = _mm256_set1_ps(s);
+        for (; c + 8 <= ni; c += 8)
+            _mm256_storeu_ps(w + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                      _mm_loadl_epi64((const __m128i *)(codes + c)))), vs));
+        for (; c < ni; c++) w[c] = (float)codes[c] * s;
+        for (int64_t c = 0; c < nfp; c++) w[ni + c] = load_float(e->fpw, e->fpw_dtype, n * nfp + c);
+        for (int64_t c = nc; c < ncp; c++) w[c] = 0.0f;
     }
+}
+
+/* The four sums over c of xc[c] * wc[j * ncp + c], j = 0 .. 3 (wc zero-padded to ncp). */
+AI __m128 dot4(const float *xc, const float *wc, int64_t nc, int64_t ncp)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t c = 0;
+    for (; c + 8 <= nc; c += 8) {
+        const __m256 x = _mm256_loadu_ps(xc + c);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + c), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + ncp + c), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + 2 * ncp + c), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + 3 * ncp + c), a3);
+    }
+    if (c < nc) { /* the last columns of this row of xc (never read past it), wc's padding is zero */
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 x = _mm256_maskload_ps(xc + c, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nc - c)), lane));
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + c), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + ncp + c), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + 2 * ncp + c), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(wc + 3 * ncp + c), a3);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 /* Apply the epilogue to the finished m x nb tile at C (global row gi, column gj) with the gathered
@@ -733,7 +821,7 @@ static void gather_wc(const epilogue *e, int64_t gj, int nb, float *wc)
 static void apply_epilogue(const epilogue *e, const float *wc, int32_t *C, int64_t ldc, int64_t gi, int m,
                            int64_t gj, int nb)
 {
-    const int64_t nc = e->ncols;
+    const int64_t nc = e->ncols, ncp = wc_stride(nc);
     for (int i = 0; i < m; i++) {
         const float sx = e->sx[gi + i];
         const float *xc = e->xc + (gi + i) * nc;
@@ -743,12 +831,7 @@ static void apply_epilogue(const epilogue *e, const float *wc, int32_t *C, int64
             __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)ci)),
                                              _mm_set1_ps(sx)),
                                   _mm_loadu_ps(e->sw + gj));
-            if (nc) {
-                __m128 dot = _mm_setzero_ps();
-                for (int64_t c = 0; c < nc; c++)
-                    dot = _mm_add_ps(dot, _mm_mul_ps(_mm_set1_ps(xc[c]), _mm_loadu_ps(wc + c * NR)));
-                v = _mm_add_ps(v, dot);
-            }
+            if (nc) v = _mm_add_ps(v, dot4(xc, wc, nc, ncp));
             if (e->bias) v = _mm_add_ps(v, load_float4(e->bias, e->bias_dtype, gj));
             _mm_storeu_ps(oi, v);
             continue;
@@ -759,7 +842,7 @@ static void apply_epilogue(const epilogue *e, const float *wc, int32_t *C, int64
             float v = ((float)a * sx) * e->sw[gj + j];
             if (nc) {
                 float dot = 0.0f;
-                for (int64_t c = 0; c < nc; c++) dot += xc[c] * wc[c * NR + j];
+                for (int64_t c = 0; c < nc; c++) dot += xc[c] * wc[j * ncp + c];
                 v += dot;
             }
             if (e->bias) v += load_float(e->bias, e->bias_dtype, gj + j);
@@ -779,9 +862,9 @@ static int gemm_serial(const gemm_args *g)
         return 0;
     }
     const int64_t ncols = g->epi ? g->epi->ncols : 0;
-    float wc_stack[64 * NR];
+    float wc_stack[64 * NR + 16];
     float *wc = wc_stack;
-    if (ncols > 64 && !(wc = malloc((size_t)ncols * NR * sizeof(float)))) return ERR_NOMEM;
+    if (wc_stride(ncols) > 64 && !(wc = malloc((size_t)wc_floats(ncols) * sizeof(float)))) return ERR_NOMEM;
 
     int64_t kc, mc;
     if (M * K <= L2_A_BUDGET) { /* all of A fits in L2: one K block, B streamed once */
@@ -808,7 +891,6 @@ static int gemm_serial(const gemm_args *g)
                 const int nb = (N - j) < NR ? (int)(N - j) : NR;
                 const int8_t *Bj = g->B + j * g->ldb + k0;
                 const int last = g->epi && k0 + kb == K;
-                if (last && ncols) gather_wc(g->epi, g->col0 + j, nb, wc);
                 for (int64_t i = i0; i < i0 + mb; i += mr) {
                     const int m = (i0 + mb - i) < mr ? (int)(i0 + mb - i) : mr;
                     const int64_t pf_off = (i - i0) / mr * share;
@@ -817,9 +899,13 @@ static int gemm_serial(const gemm_args *g)
                                              g->C + i * g->ldc + j, g->ldc, accumulate, pf,
                                              kb - pf_off < share ? kb - pf_off : share,
                                              g->comp ? g->comp + i : NULL);
-                    if (last)
+                    if (last) {
+                        /* gathered after the first micro-kernel call, which has just brought these
+                         * rows of B into cache (a gather before it would fetch them from memory) */
+                        if (ncols && i == i0) gather_wc(g->epi, g->col0 + j, nb, wc);
                         apply_epilogue(g->epi, wc, g->C + i * g->ldc + j, g->ldc, g->row0 + i, m,
                                        g->col0 + j, nb);
+                    }
                 }
             }
         }
@@ -1133,6 +1219,7 @@ EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x
     int64_t rc = ERR_NOMEM;
     quant_job q = {L, x, ldx, M, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     int64_t *cols = malloc((size_t)(K + nfp) * sizeof(int64_t));
+    int32_t *cols32 = NULL;
     uint8_t *is_fp = calloc((size_t)K, 1);
     float *sw = malloc((size_t)N * sizeof(float));
     q.codes = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
@@ -1165,12 +1252,16 @@ EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x
     for (int64_t n = 0; n < N; n++) sw[n] = L->scb[n] / 127.0f;
 
     /* 3. GEMM + epilogue */
-    const epilogue e = {q.sx, sw, L->bias, L->bias_dtype, nc, n_int8, cols, q.xc, W, ldw, L->fpw, L->fpw_dtype};
+    if (n_int8 && !(cols32 = malloc((size_t)n_int8 * sizeof(int32_t)))) goto done;
+    for (int64_t c = 0; c < n_int8; c++) cols32[c] = (int32_t)cols[c]; /* < K <= LLM_INT8_MAX_K */
+    const epilogue e = {q.sx, sw, L->bias, L->bias_dtype, nc, n_int8, cols, cols32, q.xc, W, ldw, N, L->fpw,
+                        L->fpw_dtype};
     rc = gemm_run(ks, q.codes, K, W, ldw, (int32_t *)out, N, M, N, K, q.comp, nthreads, &e);
     if (rc == 0) rc = nc;
 
 done:
     free(cols);
+    free(cols32);
     free(is_fp);
     free(sw);
     free(q.codes);
