@@ -110,6 +110,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define LLM_INT8_MAX_K 133144 /* floor((2^31 - 1) / (127 * 127)) */
@@ -205,17 +206,36 @@ EXPORT void llm_int8_set_omp_runner(void *gomp_parallel)
     STORE(&omp_runner, (gomp_parallel_fn)gomp_parallel);
 }
 
+/* A team thread that reaches the region late keeps the caller at the region's closing barrier: on
+ * a machine whose cores another process holds, for a scheduler time slice (milliseconds), where the
+ * pool's caller would just have done the work alone.  So when the caller waits there longer than
+ * OMP_LATE_NS, and longer than half its own work, the next OMP_BACKOFF_NS of calls go to the pool,
+ * then the team is tried again. */
+#define OMP_LATE_NS 200000
+#define OMP_BACKOFF_NS 200000000
+static int64_t omp_backoff_until = 0; /* CLOCK_MONOTONIC ns */
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 typedef struct {
     task_fn fn;
     void *arg;
     int64_t nchunks;
     int64_t next;
+    pthread_t caller;
+    int64_t caller_done; /* when the calling thread found no chunk left (ns) */
 } omp_job;
 
 static void omp_body(void *p)
 {
     omp_job *j = p;
     for (int64_t k; (k = __atomic_fetch_add(&j->next, 1, __ATOMIC_SEQ_CST)) < j->nchunks;) j->fn(j->arg, k);
+    if (pthread_equal(pthread_self(), j->caller)) j->caller_done = now_ns();
 }
 
 static void futex_wait(uint32_t *addr, uint32_t expected)
@@ -311,9 +331,15 @@ static void parallel_for(task_fn fn, void *arg, int64_t nchunks, int nthreads)
 {
     const gomp_parallel_fn omp = LOAD(&omp_runner);
     if (omp && nthreads > 1 && nchunks > 1) {
-        omp_job job = {fn, arg, nchunks, 0};
-        omp(omp_body, &job, (unsigned)(nchunks < nthreads ? nchunks : nthreads), 0);
-        return;
+        const int64_t start = now_ns();
+        if (start >= LOAD(&omp_backoff_until)) {
+            omp_job job = {fn, arg, nchunks, 0, pthread_self(), start};
+            omp(omp_body, &job, (unsigned)(nchunks < nthreads ? nchunks : nthreads), 0);
+            const int64_t end = now_ns(), waited = end - job.caller_done;
+            if (waited > OMP_LATE_NS && 2 * waited > job.caller_done - start)
+                STORE(&omp_backoff_until, end + OMP_BACKOFF_NS);
+            return;
+        }
     }
     int expected = 0;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
