@@ -11,7 +11,8 @@ Vector-wise quantization gives every row of x and every row of weight its own ab
 and dequantized by the outer product ``x_absmax[:, None] * w_absmax[None, :] / 127**2``.
 
 Kernels are registered against these schemas elsewhere: ``reference.py`` for every device (the
-oracle and the fallback), ``cpu.py`` for the CPU, ``triton/`` for CUDA. The fake implementations
+oracle and the fallback), ``cpu.py`` for the CPU, ``dispatch.py`` for CUDA (the stages of ``cuda.py``
+on the Triton kernels of ``triton/``, each guarded by its torch-op counterpart). The fake implementations
 here let ``torch.compile(fullgraph=True)`` trace through the ops and let modules live on the meta
 device. Argument checking that users should see happens in ``functional.py``; the ``torch._check``
 calls here guard the contract itself.
