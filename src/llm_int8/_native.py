@@ -16,8 +16,9 @@ small C library and build it with the system C compiler the first time it is nee
 
 The library holds two micro-kernels, chosen per call: ``"avx2"`` (every AVX2 CPU) and
 ``"avx512_vnni"`` (CPUs with AVX-512 VNNI); :func:`isas` lists those this CPU runs and
-:func:`default_isa` is the one the package uses.  Its threads are its own (see the C header):
-a call never waits for a thread that has not started, so a busy machine cannot stall it.
+:func:`default_isa` is the one the package uses.  Calls large enough for a second thread run on
+torch's OpenMP threads, or on the library's own pool (:func:`set_thread_runner`; the C header says
+when and why).
 
 The kernels are called through :mod:`ctypes`, which releases the GIL for the duration of a call.
 Only the standard library and torch are imported.
@@ -29,6 +30,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -80,7 +82,7 @@ RUNNERS = ("torch", "own")
 DEFAULT_RUNNER = "torch"
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "fns": None, "isas": (), "reason": None, "path": None}
+_state: dict = {"tried": False, "fns": None, "isas": (), "reason": None, "path": None, "runner": None}
 
 
 def _cache_dir() -> Path:
@@ -192,9 +194,7 @@ def _try_load():
     runner = os.environ.get("LLM_INT8_THREADS", DEFAULT_RUNNER).strip() or DEFAULT_RUNNER
     if runner not in RUNNERS:
         raise RuntimeError(f"LLM_INT8_THREADS must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    address = _torch_gomp_parallel() if runner == "torch" else None
-    fns["llm_int8_set_omp_runner"](address)
-    _state["runner"] = "torch" if address else "own"
+    _use_runner(fns["llm_int8_set_omp_runner"], runner)
     return fns, isas, path
 
 
@@ -493,8 +493,6 @@ def grad_bf16_s8(a: torch.Tensor, weight_int8: torch.Tensor) -> torch.Tensor:
 
 def _torch_gomp_parallel() -> int | None:
     """Address of GOMP_parallel in the OpenMP runtime torch runs on (its libgomp), or None."""
-    import re
-
     try:
         with open("/proc/self/maps") as f:
             paths = set(re.findall(r"(/\S*/libgomp[^/\s]*\.so[^/\s]*)", f.read()))
@@ -513,8 +511,12 @@ def set_thread_runner(runner: str) -> str:
     "own": the library's pool. Returns the runner in effect."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    return _use_runner(function("llm_int8_set_omp_runner"), runner)
+
+
+def _use_runner(set_omp_runner, runner: str) -> str:
     address = _torch_gomp_parallel() if runner == "torch" else None
-    function("llm_int8_set_omp_runner")(address)
+    set_omp_runner(address)
     _state["runner"] = "torch" if address else "own"
     return _state["runner"]
 
@@ -522,4 +524,4 @@ def set_thread_runner(runner: str) -> str:
 def thread_runner() -> str | None:
     """The runner in effect ("torch" or "own"), None when the kernels are unavailable."""
     _load()
-    return _state.get("runner") if _state["fns"] is not None else None
+    return _state["runner"] if _state["fns"] is not None else None

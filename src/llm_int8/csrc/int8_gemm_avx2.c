@@ -769,10 +769,9 @@ typedef struct {
     int64_t ncols;         /* decomposed columns (0: none) */
     int64_t n_int8;        /* the first n_int8 of them use the int8 weight */
     const int64_t *cols;   /* [ncols] their indices in K */
-    const int32_t *cols32; /* [n_int8] the same as int32 (the gather's offsets) */
     const float *xc;       /* [M, ncols] x at those columns */
     const int8_t *W;       /* [N, ldw] the int8 weight */
-    int64_t ldw, nrows;    /* its row stride and N */
+    int64_t ldw;
     const void *fpw;       /* [N, ncols - n_int8] the stored float weight columns */
     int fpw_dtype;
 } epilogue;
@@ -791,10 +790,10 @@ typedef struct {
 
 /* Row length of the gathered columns: ncols rounded up to a whole vector of 8. */
 AI int64_t wc_stride(int64_t ncols) { return (ncols + 7) & ~(int64_t)7; }
-AI int64_t wc_floats(int64_t ncols) { return NR * wc_stride(ncols) + wc_stride(ncols) / 4; }
 
 /* wc[j * ncp + c] for the nb outputs gj .. gj + nb - 1 (see the epilogue above), zero for c >= ncols.
- * wc holds wc_floats(ncols) floats: NR rows and a scratch row of bytes. */
+ * Called once the rows are in cache (see gemm_serial); a plain loop measured as fast as a vector
+ * gather there. */
 static void gather_wc(const epilogue *e, int64_t gj, int nb, float *wc)
 {
     const int64_t nc = e->ncols, ni = e->n_int8, nfp = nc - ni, ncp = wc_stride(nc);
@@ -803,16 +802,7 @@ static void gather_wc(const epilogue *e, int64_t gj, int nb, float *wc)
         const int8_t *wrow = e->W + n * e->ldw;
         const float s = e->sw[n];
         float *w = wc + j * ncp;
-        /* the codes first, one byte each (their row of B is in cache: see gemm_serial), then
-         * converted and scaled eight at a time: cheaper than a gather instruction per eight */
-        int8_t *codes = (int8_t *)(wc + NR * ncp); /* scratch of ncp bytes after the NR rows */
-        for (int64_t c = 0; c < ni; c++) codes[c] = wrow[e->cols32[c]];
-        int64_t c = 0;
-        const __m256 vs = _mm256_set1_ps(s);
-        for (; c + 8 <= ni; c += 8)
-            _mm256_storeu_ps(w + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                      _mm_loadl_epi64((const __m128i *)(codes + c)))), vs));
-        for (; c < ni; c++) w[c] = (float)codes[c] * s;
+        for (int64_t c = 0; c < ni; c++) w[c] = (float)wrow[e->cols[c]] * s;
         for (int64_t c = 0; c < nfp; c++) w[ni + c] = load_float(e->fpw, e->fpw_dtype, n * nfp + c);
         for (int64_t c = nc; c < ncp; c++) w[c] = 0.0f;
     }
@@ -888,9 +878,9 @@ static int gemm_serial(const gemm_args *g)
         return 0;
     }
     const int64_t ncols = g->epi ? g->epi->ncols : 0;
-    float wc_stack[64 * NR + 16];
+    float wc_stack[64 * NR];
     float *wc = wc_stack;
-    if (wc_stride(ncols) > 64 && !(wc = malloc((size_t)wc_floats(ncols) * sizeof(float)))) return ERR_NOMEM;
+    if (wc_stride(ncols) > 64 && !(wc = malloc((size_t)wc_stride(ncols) * NR * sizeof(float)))) return ERR_NOMEM;
 
     int64_t kc, mc;
     if (M * K <= L2_A_BUDGET) { /* all of A fits in L2: one K block, B streamed once */
@@ -1245,7 +1235,6 @@ EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x
     int64_t rc = ERR_NOMEM;
     quant_job q = {L, x, ldx, M, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     int64_t *cols = malloc((size_t)(K + nfp) * sizeof(int64_t));
-    int32_t *cols32 = NULL;
     uint8_t *is_fp = calloc((size_t)K, 1);
     float *sw = malloc((size_t)N * sizeof(float));
     q.codes = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
@@ -1278,16 +1267,12 @@ EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x
     for (int64_t n = 0; n < N; n++) sw[n] = L->scb[n] / 127.0f;
 
     /* 3. GEMM + epilogue */
-    if (n_int8 && !(cols32 = malloc((size_t)n_int8 * sizeof(int32_t)))) goto done;
-    for (int64_t c = 0; c < n_int8; c++) cols32[c] = (int32_t)cols[c]; /* < K <= LLM_INT8_MAX_K */
-    const epilogue e = {q.sx, sw, L->bias, L->bias_dtype, nc, n_int8, cols, cols32, q.xc, W, ldw, N, L->fpw,
-                        L->fpw_dtype};
+    const epilogue e = {q.sx, sw, L->bias, L->bias_dtype, nc, n_int8, cols, q.xc, W, ldw, L->fpw, L->fpw_dtype};
     rc = gemm_run(ks, q.codes, K, W, ldw, (int32_t *)out, N, M, N, K, q.comp, nthreads, &e);
     if (rc == 0) rc = nc;
 
 done:
     free(cols);
-    free(cols32);
     free(is_fp);
     free(sw);
     free(q.codes);
