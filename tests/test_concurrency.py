@@ -252,3 +252,22 @@ def test_a_forked_child_runs_the_kernels(runner):
         torch.set_num_threads(old)
     assert ready, "the forked child did not finish its layer call within 120 s"
     assert_bitwise_equal(got, want)
+
+
+def test_a_misspelt_thread_runner_warns_and_keeps_the_kernels(tmp_path):
+    """LLM_INT8_THREADS=<typo> in a fresh process: a RuntimeWarning that names the valid values, and
+    the native kernels still load (on the default runner)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "from llm_int8 import _native\n"
+        "print(_native.available(), _native.thread_runner() == _native.DEFAULT_RUNNER or _native.thread_runner())\n"
+    )
+    env = {**os.environ, "LLM_INT8_THREADS": "omp"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "LLM_INT8_THREADS must be one of torch, own, got 'omp'" in proc.stderr
+    assert proc.stdout.split()[0] == str(_native.available())

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -192,8 +193,10 @@ def _try_load():
     if "avx2" not in isas:
         raise RuntimeError("the CPU does not support AVX2, F16C and FMA")
     runner = os.environ.get("LLM_INT8_THREADS", DEFAULT_RUNNER).strip() or DEFAULT_RUNNER
-    if runner not in RUNNERS:
-        raise RuntimeError(f"LLM_INT8_THREADS must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner not in RUNNERS:  # a typo must not turn the kernels off: say so, use the default
+        warnings.warn(f"LLM_INT8_THREADS must be one of {', '.join(RUNNERS)}, got {runner!r}; "
+                      f"using {DEFAULT_RUNNER!r}", RuntimeWarning, stacklevel=2)
+        runner = DEFAULT_RUNNER
     _use_runner(fns["llm_int8_set_omp_runner"], runner)
     return fns, isas, path
 
