@@ -1,4 +1,4 @@
-"""The fused native LLM.int8() forward (``_native.MixedLinear``) against the reference kernel, for
+"""The fused native LLM.int8() forward (``_native.mixed_linear``) against the reference kernel, for
 every micro-kernel this CPU runs.
 
 Without decomposed columns the fused path performs the reference's float32 operations in the same
@@ -8,8 +8,6 @@ columns may differ, so the bound is a few float32 roundings of the terms involve
 """
 
 from __future__ import annotations
-
-import ctypes
 
 import pytest
 import torch
@@ -40,18 +38,13 @@ def weight(n, k, seed=1):
 
 
 def fused(x, w_int8, w_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None, isa=None):
-    return _native.MixedLinear(w_int8, w_absmax, bias, threshold, fp_cols, fp_weight, isa=isa)(x)
+    return _native.mixed_linear(x, w_int8, w_absmax, bias, threshold, fp_cols, fp_weight, isa=isa)
 
 
 def columns_of(x, w_int8, w_absmax, threshold=6.0, fp_cols=None, fp_weight=None):
     """The decomposed columns the C entry point reports for x (found ones ascending, then fp_cols)."""
-    layer = _native.MixedLinear(w_int8, w_absmax, None, threshold, fp_cols, fp_weight)
-    m, k = x.shape
-    out = torch.empty(m, w_int8.shape[0])
-    cols = torch.empty(k + (0 if fp_cols is None else fp_cols.numel()), dtype=torch.int64)
-    nc = _native.function("llm_int8_mixed_linear_f32")(
-        ctypes.addressof(layer._layer), x.data_ptr(), k, m, out.data_ptr(), cols.data_ptr(), 1)
-    assert nc >= 0
+    cols = torch.empty(x.shape[1] + (0 if fp_cols is None else fp_cols.numel()), dtype=torch.int64)
+    _, nc = _native.mixed_linear(x, w_int8, w_absmax, None, threshold, fp_cols, fp_weight, cols_out=cols)
     return cols[:nc]
 
 
@@ -138,33 +131,28 @@ def test_16_bit_bias_is_read_in_place(bias_dtype, isa):
     w_int8, w_absmax = weight(n, k)
     bias = torch.randn(n).to(bias_dtype)
     bias[0] = 65504.0 if bias_dtype == torch.float16 else 3.0e38
-    layer = _native.MixedLinear(w_int8, w_absmax, bias, 0.0, isa=isa)
-    assert torch.equal(layer(x), reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 0.0))
-    bias.mul_(-2)  # read in place: an in-place update is seen
-    assert torch.equal(layer(x), reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 0.0))
+    assert torch.equal(fused(x, w_int8, w_absmax, bias, 0.0, isa=isa),
+                       reference.int8_mixed_linear(x, w_int8, w_absmax, bias, 0.0))
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_strided_rows_nd_and_low_precision_inputs(isa):
+def test_strided_rows_and_low_precision_inputs(isa):
     k, n = 100, 12
     w_int8, w_absmax = weight(n, k)
-    layer = _native.MixedLinear(w_int8, w_absmax, None, 0.0, isa=isa)
     base = make_input(8, 2 * k, n_outlier_cols=2, seed=5)
-    x = base[:, :k]  # rows strided by 2K
+    x = base[:, :k]  # rows strided by 2K: read in place
     assert x.stride(0) == 2 * k
-    assert torch.equal(layer(x), reference.int8_mixed_linear(x.contiguous(), w_int8, w_absmax, None, 0.0))
-    x3 = make_input(12, k, seed=8).reshape(2, 6, k)
-    assert torch.equal(layer(x3), reference.int8_mixed_linear(x3.reshape(12, k), w_int8, w_absmax, None, 0.0).reshape(2, 6, n))
-    assert torch.equal(layer(x3.transpose(0, 1)),  # N-D and not contiguous: copied
-                       reference.int8_mixed_linear(x3.transpose(0, 1).reshape(12, k), w_int8, w_absmax, None, 0.0).reshape(6, 2, n))
+    assert torch.equal(fused(x, w_int8, w_absmax, None, 0.0, isa=isa),
+                       reference.int8_mixed_linear(x.contiguous(), w_int8, w_absmax, None, 0.0))
+    xt = make_input(k, 8, seed=8).T  # columns strided: copied
+    assert torch.equal(fused(xt, w_int8, w_absmax, None, 0.0, isa=isa),
+                       reference.int8_mixed_linear(xt.contiguous(), w_int8, w_absmax, None, 0.0))
     for dtype in (torch.float16, torch.bfloat16):
         xd = make_input(8, k, dtype=dtype, seed=6)
-        out = layer(xd)
+        out = fused(xd, w_int8, w_absmax, None, 0.0, isa=isa)
         assert out.dtype == dtype
         assert torch.equal(out, reference.int8_mixed_linear(xd, w_int8, w_absmax, None, 0.0))
-    assert layer(torch.zeros(0, k)).shape == (0, n)
-    for other in (torch.zeros(3, k + 1), torch.zeros(3, k, dtype=torch.float64), torch.zeros(())):
-        assert layer(other) is None  # not for this kernel: the caller takes the op, which says why
+    assert fused(torch.zeros(0, k), w_int8, w_absmax, None, 0.0, isa=isa).shape == (0, n)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -219,9 +207,9 @@ def test_layers_the_kernel_cannot_read_in_place_are_refused():
     w_int8, w_absmax = weight(4, 16)
     for args in [(w_int8.T.contiguous().T, w_absmax, None), (w_int8, w_absmax.double(), None),
                  (w_int8, w_absmax, torch.zeros(8)[::2]), (w_int8, w_absmax, torch.zeros(4, dtype=torch.float64))]:
-        assert not _native.MixedLinear.can_bind(*args)
-        with pytest.raises(ValueError, match="cannot bind"):
-            _native.MixedLinear(*args, 6.0)
+        assert not _native.can_read_in_place(*args)
+        with pytest.raises(ValueError, match="cannot read this layer in place"):
+            _native.mixed_linear(torch.zeros(2, 16), *args, 6.0)
 
 
 @pytest.mark.parametrize("fp_dtype", [torch.float16, torch.bfloat16])

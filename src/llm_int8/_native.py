@@ -37,13 +37,14 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 
 __all__ = [
     "available", "unavailable_reason", "library_path", "isas", "default_isa", "function",
-    "int8_gemm_nt", "Binding", "MixedLinear", "MAX_K", "MAX_K_FULL_RANGE",
+    "int8_gemm_nt", "can_read_in_place", "mixed_linear", "MAX_K", "MAX_K_FULL_RANGE",
     "grad_bf16_available", "grad_bf16_s8",
 ]
 
@@ -66,11 +67,12 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: to the C source adds its line here and is then reached through :func:`function`.
 SYMBOLS = {
     "llm_int8_cpu_features": ([], _INT),
-    "llm_int8_max_k": ([], _INT),
     # A, lda, B, ldb, C, ldc, M, N, K, threads, isa
     "llm_int8_gemm_nt_s8s8s32": ([_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
-    # layer, x, ldx, M, out, cols_out (or NULL), threads
-    "llm_int8_mixed_linear_f32": ([_P, _P, _I64, _I64, _P, _P, _INT], _I64),
+    # W, ldw, N, K, scb, bias (or NULL), bias dtype, threshold, fp_cols (or NULL), nfp, fpw (or NULL), fpw dtype,
+    # isa, x, ldx, M, out, cols_out (or NULL), threads
+    "llm_int8_mixed_linear_f32": ([_P, _I64, _I64, _I64, _P, _P, _INT, ctypes.c_float, _P, _I64, _P, _INT, _INT,
+                                   _P, _I64, _I64, _P, _P, _INT], _I64),
     # A (bf16), lda, W (int8), ldw, C (float32), ldc, M, N, K, threads
     "llm_int8_grad_bf16_s8": ([_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], _INT),
     "llm_int8_set_omp_runner": ([_P], None),
@@ -83,7 +85,8 @@ RUNNERS = ("torch", "own")
 DEFAULT_RUNNER = "torch"
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "fns": None, "isas": (), "reason": None, "path": None, "runner": None}
+_state: dict = {"tried": False, "fns": None, "isas": (), "reason": None, "path": None, "runner": None,
+                "isa": None, "isa_code": 0}
 
 
 def _cache_dir() -> Path:
@@ -198,6 +201,13 @@ def _try_load():
                       f"using {DEFAULT_RUNNER!r}", RuntimeWarning, stacklevel=2)
         runner = DEFAULT_RUNNER
     _use_runner(fns["llm_int8_set_omp_runner"], runner)
+    best = "avx512_vnni" if "avx512_vnni" in isas else "avx2"
+    isa = os.environ.get("LLM_INT8_ISA", "").strip() or best
+    if isa not in isas:  # e.g. avx512_vnni asked for on an AVX2-only CPU: say so, run what the CPU has
+        warnings.warn(f"LLM_INT8_ISA must be one of this CPU's micro-kernels {', '.join(isas)}, got {isa!r}; "
+                      f"using {best!r}", RuntimeWarning, stacklevel=2)
+        isa = best
+    _state["isa"], _state["isa_code"] = isa, ISA_CODES[isa]
     return fns, isas, path
 
 
@@ -227,9 +237,11 @@ def isas() -> tuple[str, ...]:
 
 def default_isa() -> str | None:
     """The micro-kernel the package uses: AVX-512 VNNI where the CPU has it (on Zen 4 it measured
-    1.5-2.9x faster than the AVX2 kernel, see the README), else AVX2; None when unavailable."""
-    found = isas()
-    return "avx512_vnni" if "avx512_vnni" in found else (found[0] if found else None)
+    1.5-2.9x faster than the AVX2 kernel, see the README), else AVX2; ``LLM_INT8_ISA=avx2``, read when
+    the library loads, forces the AVX2 one (to measure what an AVX2-only CPU runs). None when
+    unavailable."""
+    _load()
+    return _state["isa"]
 
 
 def function(name: str):
@@ -333,125 +345,126 @@ def int8_gemm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
-class _Layer(ctypes.Structure):
-    """``llm_int8_layer`` of the C source: one layer's weight side, bound once."""
-
-    _fields_ = [
-        ("W", ctypes.c_void_p), ("ldw", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-        ("scb", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("bias_dtype", ctypes.c_int),
-        ("threshold", ctypes.c_float), ("fp_cols", ctypes.c_void_p), ("nfp", ctypes.c_int64),
-        ("fpw", ctypes.c_void_p), ("fpw_dtype", ctypes.c_int), ("isa", ctypes.c_int),
-    ]
-
-
 _F32 = torch.float32
 
 
-class Binding:
-    """A layer's tensors and threshold as bound, with :meth:`matches` to tell whether it still holds them."""
-
-    __slots__ = ("tensors", "ptrs", "threshold")
-
-    def __init__(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
-        self.tensors = (weight_int8, weight_absmax, bias, fp_cols, fp_weight)  # kept alive while bound
-        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
-        self.threshold = threshold
-
-    def matches(self, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None) -> bool:
-        """True while these are the very tensors bound, over the same memory, with the same threshold."""
-        t, p = self.tensors, self.ptrs
-        return (
-            t[0] is weight_int8 and t[1] is weight_absmax and t[2] is bias and t[3] is fp_cols
-            and t[4] is fp_weight and self.threshold == threshold
-            # the same memory: a `tensor.data = other` swap keeps the object but not the pointer
-            and weight_int8.data_ptr() == p[0] and weight_absmax.data_ptr() == p[1]
-            and (bias is None or bias.data_ptr() == p[2])
-            and (fp_weight is None or fp_weight.data_ptr() == p[4] and fp_cols.data_ptr() == p[3])
-        )
-
-
-class MixedLinear(Binding):
-    """The LLM.int8() forward of one layer, bound to its tensors: ``layer(x)`` is one native call.
-
-    The tensors are read in place on every call, never copied, so in-place updates are seen;
-    :meth:`matches` tells whether the binding still holds the tensors a module has now. Binding
-    checks the layout once, so a call costs one ctypes call and the output's allocation.
+def can_read_in_place(weight_int8, weight_absmax, bias, fp_cols=None, fp_weight=None) -> bool:
+    """Whether :func:`mixed_linear` reads these layer tensors in place (else the caller converts them).
 
     weight_int8 [N, K] (rows K-contiguous); weight_absmax float32 [N] contiguous; bias [N] contiguous
     float32, float16 or bfloat16, or None; fp_cols int64 [F] contiguous with fp_weight [N, F]
     contiguous (float32, float16 or bfloat16), or both None. CPU tensors, N, K > 0, K <= MAX_K.
-    Raises ValueError otherwise (:meth:`can_bind` says beforehand).
     """
+    if weight_int8.dim() != 2:
+        return False
+    n, k = weight_int8.shape
+    return (
+        available() and weight_int8.dtype == torch.int8 and n > 0 and 0 < k <= MAX_K
+        and (k == 1 or weight_int8.stride(1) == 1) and (n == 1 or weight_int8.stride(0) >= k)
+        and weight_int8.is_cpu and weight_absmax.is_cpu
+        and weight_absmax.dtype == _F32 and tuple(weight_absmax.shape) == (n,) and weight_absmax.is_contiguous()
+        and (bias is None or bias.is_cpu and bias.dtype in _FP_DTYPE_CODES and tuple(bias.shape) == (n,)
+             and bias.is_contiguous())
+        and (fp_cols is None) == (fp_weight is None)
+        and (fp_cols is None or fp_cols.is_cpu and fp_weight.is_cpu and fp_cols.dtype == torch.int64
+             and fp_cols.dim() == 1 and fp_cols.is_contiguous() and fp_weight.dtype in _FP_DTYPE_CODES
+             and tuple(fp_weight.shape) == (n, fp_cols.numel()) and fp_weight.is_contiguous())
+    )
 
-    __slots__ = ("n", "k", "isa", "_layer", "_addr", "_fn")
 
-    @staticmethod
-    def can_bind(weight_int8, weight_absmax, bias, fp_cols=None, fp_weight=None) -> bool:
-        """Whether the kernel reads these tensors in place (else the caller converts them per call)."""
-        if weight_int8.dim() != 2:
-            return False
-        n, k = weight_int8.shape
-        tensors = (weight_int8, weight_absmax, bias, fp_cols, fp_weight)
-        return (
-            available() and weight_int8.dtype == torch.int8 and n > 0 and 0 < k <= MAX_K
-            and (k == 1 or weight_int8.stride(1) == 1) and (n == 1 or weight_int8.stride(0) >= k)
-            and all(t is None or t.device.type == "cpu" for t in tensors)
-            and weight_absmax.dtype == _F32 and tuple(weight_absmax.shape) == (n,) and weight_absmax.is_contiguous()
-            and (bias is None or bias.dtype in _FP_DTYPE_CODES and tuple(bias.shape) == (n,) and bias.is_contiguous())
-            and (fp_cols is None) == (fp_weight is None)
-            and (fp_cols is None or fp_cols.dtype == torch.int64 and fp_cols.dim() == 1 and fp_cols.is_contiguous()
-                 and fp_weight.dtype in _FP_DTYPE_CODES and tuple(fp_weight.shape) == (n, fp_cols.numel())
-                 and fp_weight.is_contiguous())
-        )
+# The layer arguments of llm_int8_mixed_linear_f32, checked once per layer and kept while the layer
+# holds the same tensors over the same memory with the same threshold: id(weight_int8) -> _Prepared.
+# An entry goes when its weight is freed (the weak reference's callback), so an id is never reused
+# while its entry is here; a decoding step calls every layer once per token, where a full check per
+# call (~8 us of Python) would add up.
+_prepared: dict = {}
 
-    def __init__(self, weight_int8, weight_absmax, bias, threshold: float, fp_cols=None, fp_weight=None,
-                 isa: str | None = None):
-        fn = function("llm_int8_mixed_linear_f32")
-        if not self.can_bind(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
-            raise ValueError(
-                f"cannot bind this layer to the native kernel in place: weight {weight_int8.dtype} "
-                f"{tuple(weight_int8.shape)} strides {weight_int8.stride()} (int8 [N, K], K-contiguous rows, "
-                f"0 < K <= {MAX_K}), weight_absmax contiguous float32 [N], bias contiguous float [N] or None, "
-                "fp_cols contiguous int64 [F] with fp_weight contiguous float [N, F] or both None, all on the CPU"
-            )
-        super().__init__(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+
+class _Prepared:
+    __slots__ = ("weight", "tensors", "ptrs", "threshold", "args", "__weakref__")
+
+    def __init__(self, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, isa_code):
+        key = id(weight_int8)
+        self.weight = weakref.ref(weight_int8, lambda _, key=key: _prepared.pop(key, None))
+        self.tensors = (weight_absmax, bias, fp_cols, fp_weight)
+        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in (weight_int8, *self.tensors))
+        self.threshold = threshold
         n, k = weight_int8.shape
         nfp = 0 if fp_cols is None else fp_cols.numel()
-        self.n, self.k, self._fn = n, k, fn
-        self.isa = default_isa() if isa is None else isa
-        self._layer = _Layer(
+        self.args = (
             weight_int8.data_ptr(), weight_int8.stride(0) if n > 1 else k, n, k, weight_absmax.data_ptr(),
             None if bias is None else bias.data_ptr(), 0 if bias is None else _FP_DTYPE_CODES[bias.dtype],
-            float(threshold), fp_cols.data_ptr() if nfp else None, nfp,
-            fp_weight.data_ptr() if nfp else None, _FP_DTYPE_CODES[fp_weight.dtype] if nfp else 0,
-            _isa_code(isa),
+            threshold, fp_cols.data_ptr() if nfp else None, nfp,
+            fp_weight.data_ptr() if nfp else None, _FP_DTYPE_CODES[fp_weight.dtype] if nfp else 0, isa_code,
         )
-        self._addr = ctypes.addressof(self._layer)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """out [..., N] in x's dtype for a float CPU tensor x [..., K]; None for any other x (the
-        caller then takes the op, which checks it and says what is wrong)."""
-        shape, k = x.shape, self.k
-        dt = x.dtype
-        if not shape or shape[-1] != k or not x.is_cpu or dt not in _FP_DTYPE_CODES:
-            return None
-        xf = x if dt is _F32 else x.float()
-        if len(shape) == 2:
-            m = shape[0]
-            if m > 1 and xf.stride(0) < k or k > 1 and xf.stride(1) != 1:
-                xf = xf.contiguous()
-            ldx = xf.stride(0) if m > 1 else k
-            out = torch.empty(m, self.n)
-        else:
-            if not xf.is_contiguous():
-                xf = xf.contiguous()
-            m, ldx = xf.numel() // k, k
-            out = torch.empty(*shape[:-1], self.n)
-        if m:
-            rc = self._fn(self._addr, xf.data_ptr(), ldx, m, out.data_ptr(), None, torch.get_num_threads())
-            if rc < 0:
-                raise RuntimeError(f"native LLM.int8() forward failed with code {rc} (M={m}, N={self.n}, K={k})")
-        return out if dt is _F32 else out.to(dt)
+    def holds(self, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight) -> bool:
+        """The very tensors prepared, over the same memory (a ``.data = other`` swap keeps the object,
+        not the pointer), and the same threshold."""
+        t, p = self.tensors, self.ptrs
+        return (
+            self.weight() is weight_int8 and t[0] is weight_absmax and t[1] is bias and t[2] is fp_cols
+            and t[3] is fp_weight and self.threshold == threshold
+            and weight_int8.data_ptr() == p[0] and weight_absmax.data_ptr() == p[1]
+            and (bias is None or bias.data_ptr() == p[2])
+            and (fp_weight is None or fp_cols.data_ptr() == p[3] and fp_weight.data_ptr() == p[4])
+        )
+
+
+def _layer_args(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, isa):
+    isa_code = _state["isa_code"] if isa is None else _isa_code(isa)
+    entry = _prepared.get(id(weight_int8))
+    if entry is not None and entry.args[12] == isa_code and entry.holds(
+            weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight):
+        return entry.args
+    if not can_read_in_place(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
+        raise ValueError(
+            f"the native forward cannot read this layer in place: weight {weight_int8.dtype} "
+            f"{tuple(weight_int8.shape)} strides {weight_int8.stride()} (int8 [N, K], K-contiguous rows, "
+            f"0 < K <= {MAX_K}), weight_absmax contiguous float32 [N], bias contiguous float [N] or None, "
+            "fp_cols contiguous int64 [F] with fp_weight contiguous float [N, F] or both None, all on the CPU"
+        )
+    entry = _Prepared(weight_int8, weight_absmax, bias, float(threshold), fp_cols, fp_weight, isa_code)
+    _prepared[id(weight_int8)] = entry
+    return entry.args
+
+
+def mixed_linear(x, weight_int8, weight_absmax, bias, threshold: float, fp_cols=None, fp_weight=None,
+                 isa: str | None = None, cols_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole LLM.int8() forward of one layer in one native call: out [..., N] in x's dtype.
+
+    x: float32, float16 or bfloat16 CPU tensor [..., K] (converted to float32 and made row-contiguous
+    if needed); the layer's tensors as :func:`can_read_in_place` accepts them (ValueError otherwise),
+    read in place on every call, never copied (checked on the first call with these tensors). ``isa``:
+    the micro-kernels (:func:`default_isa` if None). ``cols_out`` (int64, at least K + F elements), if
+    given, receives the decomposed columns (found ones ascending, then fp_cols); their number is then
+    returned beside out.
+    """
+    args = _layer_args(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, isa)
+    n, k = args[2], args[3]
+    shape, dt = x.shape, x.dtype
+    xf = x if dt is _F32 else x.float()
+    if len(shape) == 2:
+        m = shape[0]
+        if m > 1 and xf.stride(0) < k or k > 1 and xf.stride(1) != 1:
+            xf = xf.contiguous()
+        ldx = xf.stride(0) if m > 1 else k
+        out = torch.empty(m, n)
+    else:
+        if not xf.is_contiguous():
+            xf = xf.contiguous()
+        m, ldx = xf.numel() // k, k
+        out = torch.empty(*shape[:-1], n)
+    nc = 0
+    if m:
+        nc = _state["fns"]["llm_int8_mixed_linear_f32"](
+            *args, xf.data_ptr(), ldx, m, out.data_ptr(), None if cols_out is None else cols_out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if nc < 0:
+            raise RuntimeError(f"native LLM.int8() forward failed with code {nc} (M={m}, N={n}, K={k})")
+    out = out if dt is _F32 else out.to(dt)
+    return out if cols_out is None else (out, nc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ can.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _native
@@ -113,9 +115,9 @@ def int8_mm_dequant(acc, x_absmax, w_absmax, bias=None, out_dtype=None):
     return out.to(out_dtype or torch.float32)
 
 
-def _bindable(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
+def _in_place(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
     """The layer's tensors as the native kernel reads them in place (converted where it cannot)."""
-    if not _native.MixedLinear.can_bind(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
+    if not _native.can_read_in_place(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
         weight_int8 = weight_int8.contiguous()
         weight_absmax = weight_absmax.to(torch.float32).contiguous()
         if bias is not None and bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -127,13 +129,19 @@ def _bindable(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
 
 
 def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_weight=None):
-    m, k = x.shape
-    n = weight_int8.shape[0]
-    if m > 0 and n > 0 and 0 < k <= _native.MAX_K and _native.available():
-        # One native call: outlier columns, row quantization, GEMM and the dequantization epilogue.
-        tensors = _bindable(weight_int8, weight_absmax, bias, fp_cols, fp_weight)
-        return _native.MixedLinear(*tensors[:3], threshold, *tensors[3:])(x)
-    return eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, gemm_paths()[0])
+    """The CPU kernel of the op (x [M, K]), and what ``Linear8bitLt`` calls directly in eager inference
+    (x [..., K]): one native call (outlier columns, row quantization, GEMM and the dequantization
+    epilogue) whenever the native kernel is available, else the eager torch path below."""
+    n, k = weight_int8.shape
+    if x.numel() and n and 0 < k <= _native.MAX_K and _native.available():
+        try:
+            return _native.mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+        except ValueError:  # tensors the kernel cannot read in place: converted copies, for this call
+            w, s, b, c, f = _in_place(weight_int8, weight_absmax, bias, fp_cols, fp_weight)
+            return _native.mixed_linear(x, w, s, b, threshold, c, f)
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
+    out = eager_mixed_linear(rows, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, gemm_paths()[0])
+    return out.reshape(*x.shape[:-1], n)
 
 
 def eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, path: str):

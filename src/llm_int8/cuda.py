@@ -28,6 +28,7 @@ chunks of at most ``DENSE_CHUNK_BYTES``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -85,7 +86,12 @@ def vectorwise_quant(stages: Stages, x: torch.Tensor, threshold: float = 0.0):
 
 def mixed_linear(stages: Stages, x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None,
                  fp_weight=None):
-    """``int8_mixed_linear``: x [M, K] -> [M, N] in x's dtype; the semantics of ``reference.int8_mixed_linear``."""
+    """``int8_mixed_linear``: x [..., K] -> [..., N] in x's dtype (the op passes [M, K]); the semantics of
+    ``reference.int8_mixed_linear``."""
+    if x.dim() != 2:
+        out = mixed_linear(stages, x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight_int8, weight_absmax,
+                           bias, threshold, fp_cols, fp_weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
     has_fp_cols = fp_cols is not None and fp_cols.numel() > 0
     use_flags = threshold > 0.0 or has_fp_cols
     flags = None

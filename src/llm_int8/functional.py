@@ -93,50 +93,18 @@ def plain_eager_call(x, bias: torch.Tensor | None) -> bool:
     )
 
 
-class _NoFastPath(_native.Binding):
-    """The bound kernel of a layer that has none (another device, no native kernel, tensors the
-    kernel cannot read in place): every call takes the op. Kept until the layer's tensors change."""
-
-    __slots__ = ()
-
-    def __call__(self, x):
+def eager_kernel(x: torch.Tensor, weight_int8: torch.Tensor, bias: torch.Tensor | None):
+    """The ``int8_mixed_linear`` kernel registered for x's device, for a layer to call directly (no
+    dispatcher round trip) in eager inference (:func:`plain_eager_call`) when x is on the weight's
+    device; None otherwise (the caller then takes the op). On the CPU it is ``cpu.int8_mixed_linear``
+    (one native call), on CUDA the kernel ``dispatch`` registered: the same function the op runs."""
+    if not plain_eager_call(x, bias) or x.device != weight_int8.device:
         return None
-
-
-class _DeviceKernel(_native.Binding):
-    """The bound kernel of a layer on a device whose ``int8_mixed_linear`` kernel is ours (CUDA): the
-    kernel called directly, without the dispatcher's round trip; None for an x it does not take."""
-
-    __slots__ = ("kernel", "device", "k")
-
-    def __init__(self, kernel, weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
-        super().__init__(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
-        self.kernel, self.device, self.k = kernel, weight_int8.device, weight_int8.shape[1]
-
-    def __call__(self, x):
-        if x.device != self.device or not x.ndim or x.shape[-1] != self.k:
-            return None
-        w, s, b, c, f = self.tensors
-        out = self.kernel(_as_rows(x), w, s, b, self.threshold, c, f)
-        return out if x.ndim == 2 else out.view(*x.shape[:-1], out.shape[-1])
-
-
-def bind_mixed_linear(weight_int8, weight_absmax, bias, threshold, fp_cols=None, fp_weight=None):
-    """One layer's eager fast path: a callable ``x [..., K] -> out [..., N]`` (or None for an x it
-    does not take, which then goes to the op) with ``matches(...)``, True while the layer holds the
-    same tensors over the same memory and the same threshold; in-place updates of the tensors are
-    seen. On the CPU it is the native kernel bound to the layer's tensors
-    (:class:`llm_int8._native.MixedLinear`): module -> C in one call. On CUDA it is the kernel
-    ``dispatch`` registered, called without the dispatcher."""
-    args = (weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
-    device_type = weight_int8.device.type
-    if device_type == "cpu" and _native.MixedLinear.can_bind(weight_int8, weight_absmax, bias, fp_cols, fp_weight):
-        return _native.MixedLinear(*args)
-    if device_type == "cuda":
-        kernel = dispatch.registered_cuda_kernels().get("int8_mixed_linear")
-        if kernel is not None:
-            return _DeviceKernel(kernel, *args)
-    return _NoFastPath(*args)
+    if x.is_cpu:
+        return cpu.int8_mixed_linear
+    if x.is_cuda:
+        return dispatch.registered_cuda_kernels().get("int8_mixed_linear")
+    return None
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:

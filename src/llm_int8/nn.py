@@ -37,8 +37,6 @@ class Linear8bitLt(nn.Module):
     weight is frozen; bitsandbytes defaults to True, a trainable 16-bit weight quantized per call).
     """
 
-    _bound = None  # the eager fast path, F.bind_mixed_linear(...) of this layer, built on first use
-
     def __init__(
         self,
         in_features: int,
@@ -142,26 +140,15 @@ class Linear8bitLt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ is slow per layer call)
         weight, bias = params["weight"], params.get("bias")
-        if F.plain_eager_call(x, bias):
-            # eager inference: the kernel bound to this layer's tensors, module -> C in one call,
-            # without the dispatcher round trip or per-call argument checks (the module's state was
-            # checked when set; a decoding step calls every layer with one row, where these costs add up)
-            scb, fp_cols, fp_weight = buffers["SCB"], buffers["fp_cols"], buffers["fp_weight"]
-            bound = self._bound
-            if bound is None or not bound.matches(weight, scb, bias, self.threshold, fp_cols, fp_weight):
-                bound = self._bound = F.bind_mixed_linear(weight, scb, bias, self.threshold, fp_cols, fp_weight)
-            out = bound(x)
-            if out is not None:
-                return out
-        # autograd, torch.compile, modes, or an x the bound kernel does not take: the op, with x
-        # checked (the layer's own tensors were checked when they were set)
+        kernel = F.eager_kernel(x, weight, bias)
+        if kernel is not None and x.ndim and x.shape[-1] == self.in_features:
+            # eager inference: the device's kernel of the op, called directly (a decoding step calls
+            # every layer with one row, where the dispatcher's round trip adds up); the layer's own
+            # tensors were checked when they were set
+            return kernel(x, weight, buffers["SCB"], bias, self.threshold, buffers["fp_cols"], buffers["fp_weight"])
+        # autograd, torch.compile, modes, or an x to check: the op (the same kernel behind the dispatcher)
         F.check_linear_input(x, (self.out_features, self.in_features), self.weight.device)
         return F.mixed_linear_op(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_bound"] = None  # holds raw pointers and a ctypes function: rebuilt on first use
-        return state
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out_features, in_features] this module multiplies by (fp columns included)."""

@@ -146,8 +146,6 @@ EXPORT int llm_int8_cpu_features(void)
     return f;
 }
 
-EXPORT int llm_int8_max_k(void) { return LLM_INT8_MAX_K; }
-
 static int isa_ok(int isa)
 {
     return (isa == ISA_AVX2 || isa == ISA_VNNI) && (llm_int8_cpu_features() & isa) == isa;
@@ -1142,8 +1140,8 @@ static float quantize_row(const float *src, int64_t K, int8_t *codes)
 #define MIN_QUANT_PER_THREAD (1 << 16)
 #define QUANT_ROWS_PER_CHUNK 8
 
-/* One layer's weight side of the LLM.int8() forward, as the caller binds it once (the Python side
- * mirrors this struct with ctypes; keep the two in the same order). */
+/* One layer's weight side of the LLM.int8() forward (filled from llm_int8_mixed_linear_f32's
+ * arguments; internal to this file). */
 typedef struct {
     const int8_t *W;          /* [N, K] int8 codes, row stride ldw */
     int64_t ldw, N, K;
@@ -1207,16 +1205,17 @@ static void quant_chunk(void *arg, int64_t c)
 
 /*
  * out [M, N] (float32, contiguous) = LLM.int8() forward of x [M, K] (float32, row stride ldx) through
- * the layer L, on up to nthreads threads.  cols_out, when not NULL (capacity K + nfp), receives the
+ * one layer: W [N, K] int8 (row stride ldw), scb [N] float32, bias [N] (dtype FP_*) or NULL, the
+ * outlier threshold, calibrated columns fp_cols [nfp] with their float weight fpw [N, nfp] (dtype
+ * FP_*) or none, on the micro-kernels of isa, on up to nthreads threads.  cols_out, when not NULL (capacity K + nfp), receives the
  * decomposed columns: found ones (ascending, those not in fp_cols) first, then fp_cols.
  *
  * Returns their number nc >= 0, or ERR_ARGS (bad arguments, an fp column outside [0, K)), ERR_K,
  * ERR_ISA, ERR_NOMEM.
  */
-EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x, int64_t ldx, int64_t M,
-                                         float *out, int64_t *cols_out, int nthreads)
+static int64_t mixed_linear(const llm_int8_layer *L, const float *x, int64_t ldx, int64_t M, float *out,
+                            int64_t *cols_out, int nthreads)
 {
-    if (!L) return ERR_ARGS;
     const int64_t N = L->N, K = L->K, nfp = L->nfp, ldw = L->ldw;
     const int8_t *W = L->W;
     const int64_t *fp_cols = L->fp_cols;
@@ -1264,7 +1263,12 @@ EXPORT int64_t llm_int8_mixed_linear_f32(const llm_int8_layer *L, const float *x
     if (nc && !(q.xc = malloc((size_t)M * (size_t)nc * sizeof(float)))) goto done;
     parallel_for(quant_chunk, &q, (M + QUANT_ROWS_PER_CHUNK - 1) / QUANT_ROWS_PER_CHUNK, nt);
     if (q.failed) goto done;
-    for (int64_t n = 0; n < N; n++) sw[n] = L->scb[n] / 127.0f;
+    { /* vdivps rounds as the scalar division does: the same sw as torch's weight_absmax / 127 */
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8)
+            _mm256_storeu_ps(sw + n, _mm256_div_ps(_mm256_loadu_ps(L->scb + n), _mm256_set1_ps(127.0f)));
+        for (; n < N; n++) sw[n] = L->scb[n] / 127.0f;
+    }
 
     /* 3. GEMM + epilogue */
     const epilogue e = {q.sx, sw, L->bias, L->bias_dtype, nc, n_int8, cols, q.xc, W, ldw, L->fpw, L->fpw_dtype};
@@ -1281,6 +1285,15 @@ done:
     free(q.cmax);
     free(q.xc);
     return rc;
+}
+
+EXPORT int64_t llm_int8_mixed_linear_f32(const int8_t *W, int64_t ldw, int64_t N, int64_t K, const float *scb,
+                                         const void *bias, int bias_dtype, float threshold, const int64_t *fp_cols,
+                                         int64_t nfp, const void *fpw, int fpw_dtype, int isa, const float *x,
+                                         int64_t ldx, int64_t M, float *out, int64_t *cols_out, int nthreads)
+{
+    const llm_int8_layer L = {W, ldw, N, K, scb, bias, bias_dtype, threshold, fp_cols, nfp, fpw, fpw_dtype, isa};
+    return mixed_linear(&L, x, ldx, M, out, cols_out, nthreads);
 }
 
 #pragma GCC pop_options
