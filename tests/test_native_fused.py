@@ -235,3 +235,31 @@ def test_weight_with_min_codes(isa):
     w_int8[3, ::2] = -128
     assert torch.equal(fused(x, w_int8, w_absmax, None, 0.0, isa=isa),
                        reference.int8_mixed_linear(x, w_int8, w_absmax, None, 0.0))
+
+
+@pytest.mark.parametrize("asked,warns", [("avx2", False), ("sse", True)])
+def test_llm_int8_isa_forces_the_avx2_micro_kernel(asked, warns):
+    """LLM_INT8_ISA=avx2 in a fresh process: the package runs the AVX2 micro-kernel, with the same
+    numbers (bit-identical without decomposition); an unknown name warns and keeps the best one."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import torch\n"
+        "from llm_int8 import _native\n"
+        "from llm_int8.functional import quantize_weight\n"
+        "torch.manual_seed(0)\n"
+        "w, s = quantize_weight(torch.randn(37, 300))\n"
+        "x = torch.randn(5, 300)\n"
+        "same = torch.equal(_native.mixed_linear(x, w, s, None, 0.0), _native.mixed_linear(x, w, s, None, 0.0, isa='avx2'))\n"
+        "print(_native.default_isa(), same)\n"
+    )
+    env = {**os.environ, "LLM_INT8_ISA": asked}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    isa, same = proc.stdout.split()
+    best = "avx512_vnni" if "avx512_vnni" in _native.isas() else "avx2"
+    assert isa == (best if warns else "avx2") and same == "True"
+    assert ("LLM_INT8_ISA must be one of" in proc.stderr) == warns

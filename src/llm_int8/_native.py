@@ -424,6 +424,7 @@ def _layer_args(weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight,
             f"0 < K <= {MAX_K}), weight_absmax contiguous float32 [N], bias contiguous float [N] or None, "
             "fp_cols contiguous int64 [F] with fp_weight contiguous float [N, F] or both None, all on the CPU"
         )
+    isa_code = _state["isa_code"] if isa is None else _isa_code(isa)  # (can_read_in_place loaded the library)
     entry = _Prepared(weight_int8, weight_absmax, bias, float(threshold), fp_cols, fp_weight, isa_code)
     _prepared[id(weight_int8)] = entry
     return entry.args
