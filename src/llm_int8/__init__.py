@@ -11,6 +11,7 @@ import warnings
 from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA tensors when available)
 from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
+from .decode import lean_decoding
 from .nn import Linear8bitLt
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "Linear8bitLt",
     "QuantizeReport",
     "functional",
+    "lean_decoding",
     "memory_footprint",
     "quantize_",
 ]

@@ -289,7 +289,7 @@ def int8_gemm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     * The result is exact whenever the true result fits int32, which ``K <= MAX_K`` (133144)
       guarantees for codes in [-127, 127] and ``K <= MAX_K_FULL_RANGE`` (131071) for any codes; a K
       above MAX_K raises ValueError.
-    * Uses up to ``torch.get_num_threads()`` threads; the GIL is released during the call.
+    * Uses up to :func:`kernel_threads` threads; the GIL is released during the call.
 
     ``out``, if given, must be a CPU int32 tensor of shape [M, N] whose last dimension is
     contiguous; it is overwritten and returned.  Raises RuntimeError if the native kernels are
@@ -339,7 +339,7 @@ def int8_gemm_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     b_, ldb = _rows_operand(b)
     ldc = out.stride(0) if m > 1 else n
     rc = fn(a_.data_ptr(), lda, b_.data_ptr(), ldb, out.data_ptr(), ldc, m, n, k,
-            max(1, torch.get_num_threads()), code)
+            max(1, kernel_threads()), code)
     if rc != 0:
         raise RuntimeError(f"native int8 GEMM failed with code {rc} (M={m}, N={n}, K={k})")
     return out
@@ -460,7 +460,7 @@ def mixed_linear(x, weight_int8, weight_absmax, bias, threshold: float, fp_cols=
     if m:
         nc = _state["fns"]["llm_int8_mixed_linear_f32"](
             *args, xf.data_ptr(), ldx, m, out.data_ptr(), None if cols_out is None else cols_out.data_ptr(),
-            torch.get_num_threads(),
+            kernel_threads(),
         )
         if nc < 0:
             raise RuntimeError(f"native LLM.int8() forward failed with code {nc} (M={m}, N={n}, K={k})")
@@ -497,7 +497,7 @@ def grad_bf16_s8(a: torch.Tensor, weight_int8: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, k), dtype=torch.float32)
     rc = function("llm_int8_grad_bf16_s8")(
         a.data_ptr(), a.stride(0) if m > 1 else n2, w.data_ptr(), ldw, out.data_ptr(), max(k, 1),
-        m, n, k, torch.get_num_threads(),
+        m, n, k, kernel_threads(),
     )
     if rc != 0:
         raise MemoryError("the native backward kernel could not allocate its 32 KiB packing buffers")
@@ -506,6 +506,35 @@ def grad_bf16_s8(a: torch.Tensor, weight_int8: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Which threads run the kernels' parallel parts
+
+_threads = threading.local()  # .count: the kernels' thread count while torch's own ops run on fewer
+
+
+def kernel_threads() -> int:
+    """Threads the kernels may use: ``torch.get_num_threads()``, or the count :func:`kernel_threads_kept`
+    holds while torch's own ops are limited to fewer (a lean decoding step)."""
+    return getattr(_threads, "count", None) or torch.get_num_threads()
+
+
+class kernel_threads_kept:
+    """Within this context the kernels keep ``count`` threads (default: torch's count on entry) while
+    torch's own ops run on ``torch_threads``; both are restored on exit. Per Python thread for the
+    kernels; torch's setting is process-wide."""
+
+    def __init__(self, torch_threads: int = 1, count: int | None = None):
+        self.torch_threads, self.count = torch_threads, count
+
+    def __enter__(self):
+        self._saved = (getattr(_threads, "count", None), torch.get_num_threads())
+        _threads.count = self.count or kernel_threads()
+        torch.set_num_threads(self.torch_threads)
+        return self
+
+    def __exit__(self, *exc):
+        _threads.count, torch_threads = self._saved
+        torch.set_num_threads(torch_threads)
+        return False
+
 
 
 def _torch_gomp_parallel() -> int | None:
