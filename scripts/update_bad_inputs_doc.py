@@ -44,7 +44,7 @@ def _section(api: str) -> str:
         return "## `llm_int8.checkpoint`"
     if api.startswith("Linear8bitLt"):
         return "## `llm_int8.Linear8bitLt`"
-    if api.startswith(("Int8Config", "quantize_")):
+    if api.startswith(("Int8Config", "quantize_(")):
         return "## `llm_int8.Int8Config` and `llm_int8.quantize_`"
     if api.startswith(("absmax_quantize", "zeropoint_quantize")):
         return "## `llm_int8.eval.baselines` (the paper's per-tensor baselines)"

@@ -409,7 +409,7 @@ def _file_cases(tmp_path):
                  r"llm-int8 quantize: error: cannot save to .*a-file: it is a file, and the model is saved as a directory"),
         BadInput("llm-int8 quantize --save PATH", "PATH is a non-empty directory, without --force",
                  lambda: _cli("quantize", "--model", str(float_dir), "--save", str(busy), "--no-progress"), CliExit,
-                 r"cannot save to .*busy: the directory is not empty \(1 entries: notes.txt\); give a new or empty "
+                 r"cannot save to .*busy: the directory is not empty \(1 entry: notes.txt\); give a new or empty "
                  "directory, or pass --force to replace its contents"),
         BadInput("llm-int8 quantize --save PATH", "PATH cannot be written (under a file)",
                  lambda: _cli("quantize", "--model", str(float_dir), "--save", str(a_file / "int8"), "--no-progress"),

@@ -183,7 +183,7 @@ def test_quantize_save_refuses_to_overwrite_and_writes_nothing(tiny, tmp_path, c
     (busy / "keep.txt").write_text("precious")
     for target, message in [
         (a_file, "it is a file, and the model is saved as a directory"),
-        (busy, r"the directory is not empty \(1 entries: keep.txt\); give a new or empty directory, or pass --force"),
+        (busy, r"the directory is not empty \(1 entry: keep.txt\); give a new or empty directory, or pass --force"),
         (a_file / "sub", ".*/int8 is not a directory this process can write to; choose a directory you can write to"),
     ]:
         assert cli.main(["quantize", "--model", model, "--save", str(target), "--no-progress"]) == 2

@@ -416,7 +416,8 @@ def check_save_dir(path: str | os.PathLike, force: bool = False) -> Path:
     if path.is_dir() and any(path.iterdir()) and not force:
         entries = sorted(entry.name for entry in path.iterdir())
         raise ValueError(
-            f"cannot save to {path}: the directory is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+            f"cannot save to {path}: the directory is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
+            f"{', '.join(entries[:3])}"
             f"{', ...' if len(entries) > 3 else ''}); give a new or empty directory, or pass --force to replace its contents"
         )
     parent = path.resolve().parent
