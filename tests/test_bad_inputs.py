@@ -421,7 +421,7 @@ def _file_cases(tmp_path):
                  lambda: _cli("quantize", "--model", str(cli_dir / "gguf"), "--gguf-file", "cut.gguf", "--no-progress"),
                  CliExit, r"llm-int8 quantize: error: .*cut.gguf is truncated: tensor blk.0.ffn_down.weight"),
         BadInput("llm-int8 demo --out DIR", "demo writes no figures",
-                 lambda: _cli("demo", "--out", str(tmp_path / "figures")), CliExit,
+                 lambda: _cli("demo", "--out", str(tmp_path / "figures"), "--model", str(tmp_path / "none")), CliExit,
                  r"llm-int8: error: unrecognized arguments: --out"),
     ]
 

@@ -245,8 +245,8 @@ def test_no_progress_silences_transformers_bars_too(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["demo", "ppl", "quantize"])
 def test_out_is_refused_where_no_figures_are_written(command, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main([command, "--out", str(tmp_path / "figures")])
+    with pytest.raises(SystemExit) as exc:  # (a missing --model: were --out accepted, the run would stop there)
+        cli.main([command, "--out", str(tmp_path / "figures"), "--model", str(tmp_path / "none")])
     assert exc.value.code == 2
     assert "unrecognized arguments: --out" in capsys.readouterr().err
     assert not (tmp_path / "figures").exists()
