@@ -26,7 +26,6 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import llm_int8  # noqa: E402
 from llm_int8 import Linear8bitLt, _memory  # noqa: E402
-from llm_int8.checkpoint import read_safetensors_header  # noqa: E402
 from llm_int8.integrations import hf as hf_integration  # noqa: E402
 from llm_int8.integrations.hf import LLMInt8Config, quantize_model  # noqa: E402
 
@@ -339,6 +338,8 @@ def test_release_file_range_maps_file_offsets_to_addresses(tmp_path):
 
 def _whole_pages_of_quantized_weights(model, checkpoint):
     """Bytes of the whole pages inside the checkpoint byte ranges of the weights quantized on load."""
+    from llm_int8.checkpoint import read_safetensors_header
+
     header, start = read_safetensors_header(checkpoint / "model.safetensors")
     total = 0
     for name, module in model.named_modules():

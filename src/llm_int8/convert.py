@@ -117,11 +117,13 @@ def tied_layers(model: nn.Module) -> list[str]:
     ``from_pretrained``, ``quantize_model``, the GGUF loader) keeps them float, whatever ``skip_modules``
     says. To quantize a tied head, untie it first (e.g. ``tie_word_embeddings=False`` in the config).
     """
-    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    embedding_ids = {id(w) for w in embeddings}
-    embedding_storages = {w.untyped_storage().data_ptr() for w in embeddings if not w.is_meta}
+    embeddings = {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    embedding_ids = {id(w) for w in embeddings.values()}
+    embedding_storages = {w.untyped_storage().data_ptr() for w in embeddings.values() if not w.is_meta}
     ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    declared = {name.removesuffix(".weight") for pair in ties.items() for name in pair}
+    declared = {  # the other side of every declared tie whose one side is an embedding's weight
+        other.removesuffix(".weight") for a, b in ties.items() for one, other in ((a, b), (b, a)) if one in embeddings
+    }
     tied = []
     for name, module in model.named_modules():
         if not is_convertible(module):

@@ -394,7 +394,8 @@ class LLMInt8HfQuantizer(HfQuantizer):
     """Drives ``from_pretrained`` for :class:`LLMInt8Config`; users never build it themselves.
 
     After loading, ``model.hf_quantizer.report`` is the :class:`llm_int8.QuantizeReport` of the
-    conversion (converted and skipped layer names; the byte counts are those of the meta skeleton),
+    conversion (converted and skipped layer names; ``bytes_before`` the float model's footprint, taken
+    on the meta skeleton, ``bytes_after`` the loaded model's, both :func:`llm_int8.memory_footprint`),
     and ``model.hf_quantizer.checkpoint_bytes_released`` the bytes of mapped checkpoint pages given
     back as the weights were quantized (0 where unsupported or disabled).
     """
