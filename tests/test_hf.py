@@ -103,6 +103,8 @@ def test_config_round_trips_and_validates():
     assert config.to_int8_config() == llm_int8.Int8Config(4.0, ["mlp"])
     with pytest.raises(ValueError, match="threshold"):
         LLMInt8Config(threshold=-1.0)
+    with pytest.raises(TypeError, match="LLMInt8Config.threshold must be a number >= 0 .*got True"):
+        LLMInt8Config(threshold=True)  # one validator: refused as Linear8bitLt and Int8Config refuse it
     with pytest.raises(TypeError, match="skip_modules"):
         LLMInt8Config(skip_modules="lm_head")
     with pytest.raises(TypeError, match="unknown fields.*load_in_8bit"):

@@ -100,6 +100,7 @@ class LLMInt8Config(QuantizationConfigMixin):
                 f"LLMInt8Config got unknown fields {sorted(kwargs)}; it takes threshold and skip_modules. "
                 "For a bitsandbytes 8-bit config use LLMInt8Config.from_bitsandbytes(config)."
             )
+        threshold = F._check_threshold(threshold, "LLMInt8Config.threshold")  # (the error names the class used)
         core = Int8Config(threshold=threshold, skip_modules=skip_modules)  # validates both fields
         self.quant_method = QUANT_METHOD
         self.threshold = core.threshold
