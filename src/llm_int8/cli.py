@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _library_progress_bars(not args.no_progress):
             args.func(args, _tqdm_factory(not args.no_progress))
-    except (FileNotFoundError, ImportError, ValueError) as err:
+    except (OSError, ImportError, ValueError) as err:  # (OSError: a missing file, a full disk, no permission)
         print(f"llm-int8 {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
