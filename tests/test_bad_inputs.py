@@ -49,6 +49,15 @@ def layer_state(**changes):
     return {k: v for k, v in state.items() if v is not None}
 
 
+def _nan_linear() -> nn.Linear:
+    """An nn.Linear(8, 4) whose weight holds NaN at row 1 and -Inf at row 3 (a diverged run's weights)."""
+    linear = nn.Linear(K, N)
+    with torch.no_grad():
+        linear.weight[1, 2] = float("nan")
+        linear.weight[3, 0] = -float("inf")
+    return linear
+
+
 def mixed(**kwargs):
     weight_int8, weight_absmax = weight()
     args = dict(x=x(), weight_int8=weight_int8, weight_absmax=weight_absmax)
@@ -76,6 +85,8 @@ CATALOGUE = [
              ValueError, r"weight must be 2-D \[N, K\]"),
     BadInput("quantize_weight(weight)", "weight is already int8",
              lambda: F.quantize_weight(torch.ones(N, K, dtype=torch.int8)), TypeError, "weight must be float16"),
+    BadInput("quantize_weight(weight)", "weight holds NaN/Inf", lambda: F.quantize_weight(_nan_linear().weight),
+             ValueError, r"weight holds NaN or Inf in 2 of its 4 rows .*float32 row scales cannot represent them"),
     BadInput("dequantize_weight(weight_int8, weight_absmax)", "weight_int8 is float",
              lambda: F.dequantize_weight(torch.ones(N, K), torch.ones(N)), TypeError,
              r"weight_int8 must be int8.*quantize_weight\(weight\)"),
@@ -148,6 +159,22 @@ CATALOGUE = [
              r"weight must be the float weight \(4, 8\)"),
     BadInput("Linear8bitLt(...)(x)", "x has the wrong number of features", lambda: Linear8bitLt(K, N)(x(3, K + 1)),
              ValueError, "x has 9 features in its last dim but the weight expects K = 8"),
+    BadInput("Linear8bitLt(...)(x)", "x is a list, not a tensor", lambda: Linear8bitLt(K, N)([1.0] * K),
+             TypeError, "x must be a torch.Tensor, got list"),
+    BadInput("Linear8bitLt(in_features, out_features)", "a size that is not an int", lambda: Linear8bitLt([K], N),
+             TypeError, r"in_features and out_features must be ints, got \[8\], 4"),
+    BadInput("Linear8bitLt.threshold = value", "threshold < 0, set after construction",
+             lambda: setattr(Linear8bitLt(K, N), "threshold", -1), ValueError,
+             r"Linear8bitLt.threshold must be >= 0 \(0 disables the outlier decomposition; the paper uses 6.0\), got -1.0"),
+    BadInput("Linear8bitLt.threshold = value", "threshold is a string, set after construction",
+             lambda: setattr(Linear8bitLt(K, N), "threshold", "6"), TypeError,
+             "Linear8bitLt.threshold must be a number >= 0 .*got '6'"),
+    BadInput("Linear8bitLt.from_weight(weight)", "weight holds NaN/Inf",
+             lambda: Linear8bitLt.from_weight(_nan_linear().weight), ValueError,
+             r"weight holds NaN or Inf in 2 of its 4 rows \(rows \[1, 3\]; first at row 1, column 2: nan\)"),
+    BadInput("Linear8bitLt.load_state_dict(sd)", "a float (nn.Linear) weight holding NaN/Inf",
+             lambda: nn.Sequential(Linear8bitLt(K, N)).load_state_dict({f"0.{k}": v for k, v in _nan_linear().state_dict().items()}),
+             RuntimeError, r"0.weight holds NaN or Inf in 2 of its 4 rows"),
     BadInput("Linear8bitLt.load_state_dict(sd)", "SCB holds NaN",
              lambda: Linear8bitLt(K, N).load_state_dict(layer_state(SCB=torch.full((N,), float("nan")))), RuntimeError,
              r"SCB must be finite and >= 0 \(a row absmax\), but rows \[0, 1, 2, 3\] hold \[nan"),
@@ -178,9 +205,15 @@ CATALOGUE = [
              RuntimeError, r"weight_format must be 0 \(row-major\), got 1"),
     # -- convert
     BadInput("Int8Config(threshold)", "threshold < 0", lambda: Int8Config(threshold=-1.0), ValueError,
-             "Int8Config.threshold must be a number >= 0"),
-    BadInput("Int8Config(threshold)", "threshold is a string", lambda: Int8Config(threshold="6"), ValueError,
-             "Int8Config.threshold must be a number >= 0, got '6'"),
+             r"Int8Config.threshold must be >= 0 \(0 disables the outlier decomposition"),
+    BadInput("Int8Config(threshold)", "threshold is a string", lambda: Int8Config(threshold="6"), TypeError,
+             "Int8Config.threshold must be a number >= 0 .*got '6'"),
+    BadInput("Int8Config(threshold)", "threshold is True (a bool, not a number)", lambda: Int8Config(threshold=True),
+             TypeError, "Int8Config.threshold must be a number >= 0 .*got True"),
+    BadInput("quantize_(model)", "a layer's weight holds NaN/Inf (the model is left as it was)",
+             lambda: llm_int8.quantize_(nn.Sequential(nn.Linear(K, N), _nan_linear())), ValueError,
+             r"1.weight holds NaN or Inf in 2 of its 4 rows \(rows \[1, 3\]; first at row 1, column 2: nan\).*"
+             "load a good copy of them before quantizing"),
     BadInput("Int8Config(skip_modules)", "one string instead of a list", lambda: Int8Config(skip_modules="lm_head"),
              TypeError, "skip_modules must be a list of module names"),
     BadInput("quantize_(model, config)", "config is not an Int8Config",
@@ -199,13 +232,18 @@ def _checkpoint_cases(tmp_path):
     good = save_checkpoint(Linear8bitLt(K, N), tmp_path / "layer.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-7])
+    garbled = tmp_path / "garbled.safetensors"  # the header's JSON overwritten, its length intact
+    garbled.write_bytes(good.read_bytes()[:8] + b"{" + b"\xff" * 40 + good.read_bytes()[49:])
     return [
         BadInput("load_state_dict(path)", "no such file", lambda: load_state_dict(missing), FileNotFoundError,
                  "no checkpoint file at"),
         BadInput("load_state_dict(path)", "not a checkpoint", lambda: load_state_dict(junk), CheckpointError,
                  "neither a safetensors file nor a torch.save file"),
         BadInput("load_state_dict(path)", "a truncated file", lambda: load_state_dict(truncated), CheckpointError,
-                 "not a readable safetensors file .truncated or corrupt.*re-save it or restore a backup"),
+                 r"truncated.safetensors is truncated: tensor '.*' ends at byte \d+ but the file has \d+ bytes: "
+                 "copy or download it again, or restore it from a backup"),
+        BadInput("load_state_dict(path)", "an unreadable (garbled) header", lambda: load_state_dict(garbled), CheckpointError,
+                 r"garbled.safetensors: the safetensors header is unreadable \(not JSON.*copy or download it again"),
         BadInput("load_checkpoint(module, path)", "module of another shape",
                  lambda: load_checkpoint(Linear8bitLt(K + 1, N), good), CheckpointError,
                  r"the checkpoint holds shape \(4, 8\), the module expects \(4, 9\)"),
@@ -214,6 +252,177 @@ def _checkpoint_cases(tmp_path):
         BadInput("save_checkpoint(obj, path)", "the directory does not exist",
                  lambda: save_checkpoint(Linear8bitLt(K, N), tmp_path / "nope" / "x.safetensors"), FileNotFoundError,
                  "does not exist; create it first"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Files and models: transformers' from_pretrained / quantize_model, GGUF files, the llm-int8 command
+
+
+class CliExit(Exception):
+    """``llm-int8 ARGS`` ended with a non-zero exit code; the message is what it printed on stderr."""
+
+    def __init__(self, code: int, stderr: str):
+        super().__init__(stderr.strip())
+        self.code = code
+
+
+def _cli(*argv: str) -> None:
+    """Run the command line in this process; raise CliExit with its code and stderr unless it succeeded.
+    An exception escaping ``main`` (a traceback for the user) propagates as itself and fails the entry."""
+    import contextlib
+    import io
+
+    from llm_int8 import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    if code:
+        raise CliExit(code, err.getvalue())
+
+
+def _tiny_llama_dir(path, tie: bool = False):
+    """A 2-layer random Llama saved with save_pretrained (float32 safetensors, no tokenizer)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _edit_safetensors(src, dst, edit):
+    """Copy the model folder ``src`` to ``dst`` with ``edit(state_dict)`` applied to its model.safetensors."""
+    import shutil
+
+    import safetensors.torch
+
+    shutil.copytree(src, dst)
+    state = safetensors.torch.load_file(src / "model.safetensors")
+    edit(state)
+    safetensors.torch.save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _file_cases(tmp_path):
+    """Entries that need model folders, GGUF files or the command line (transformers installed)."""
+    pytest.importorskip("transformers")
+    import transformers
+    from tiny_gguf import write_tiny_gguf
+
+    from llm_int8.integrations.gguf import load_gguf
+    from llm_int8.integrations.hf import LLMInt8Config, quantize_model
+
+    def load(path, **kwargs):
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+    float_dir = _tiny_llama_dir(tmp_path / "float")
+    int8 = load(float_dir, quantization_config=LLMInt8Config())
+    int8.save_pretrained(tmp_path / "int8")
+    int8_dir = tmp_path / "int8"
+    layer = "model.layers.1.mlp.up_proj"
+
+    def plant_nan(state):
+        state[f"{layer}.weight"][3, 5] = float("nan")
+        state[f"{layer}.weight"][7, 0] = float("inf")
+
+    nan_dir = _edit_safetensors(float_dir, tmp_path / "nan", plant_nan)
+    no_scb = _edit_safetensors(int8_dir, tmp_path / "no-scb", lambda s: s.pop(f"{layer}.SCB"))
+    no_weight = _edit_safetensors(int8_dir, tmp_path / "no-weight", lambda s: s.pop(f"{layer}.weight"))
+    data = (float_dir / "model.safetensors").read_bytes()
+    truncated_dir = _edit_safetensors(float_dir, tmp_path / "truncated", lambda s: None)
+    (truncated_dir / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    garbled_dir = _edit_safetensors(float_dir, tmp_path / "garbled", lambda s: None)
+    (garbled_dir / "model.safetensors").write_bytes(data[:8] + b"x" * 50 + data[58:])
+
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    gguf_bytes = gguf_file.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_bytes[: len(gguf_bytes) // 2])
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("these are my notes, not a model\n")
+    nan_gguf = tmp_path / "nan.gguf"
+    nan_gguf.write_bytes(gguf_bytes)
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_file))
+    out_proj = next(t for t in reader.tensors if t.name == "blk.0.attn_output.weight")  # F16 in the tiny file
+    with open(nan_gguf, "r+b") as f:
+        f.seek(out_proj.data_offset + 2 * 3)  # row 0, column 3
+        f.write(b"\x00\x7e")  # an fp16 NaN
+    del reader
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cli_dir = tmp_path / "cli"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(truncated_dir, cli_dir / "truncated")
+    (cli_dir / "gguf").mkdir()
+    (cli_dir / "gguf" / "cut.gguf").write_bytes(cut.read_bytes())
+    qc = LLMInt8Config()
+    return [
+        BadInput("from_pretrained(path, quantization_config)", "dtype=torch.float64",
+                 lambda: load(float_dir, dtype=torch.float64, quantization_config=qc), ValueError,
+                 r"LLMInt8Config quantizes float16, bfloat16 or float32 weights, and from_pretrained was asked for "
+                 r"dtype=torch.float64; pass dtype=torch.float32"),
+        BadInput("from_pretrained(path, quantization_config)", "a float weight holding NaN/Inf",
+                 lambda: load(nan_dir, quantization_config=qc), ValueError,
+                 rf"{layer}.weight holds NaN or Inf in 2 of its 64 rows \(rows \[3, 7\]; first at row 3, column 5: nan\)"),
+        BadInput("from_pretrained(path, quantization_config)", "a truncated safetensors file",
+                 lambda: load(truncated_dir, quantization_config=qc), CheckpointError,
+                 r"truncated/model.safetensors is truncated: tensor .* but the file has \d+ bytes: copy or download it again"),
+        BadInput("from_pretrained(path, quantization_config)", "an unreadable safetensors header",
+                 lambda: load(garbled_dir, quantization_config=qc), CheckpointError,
+                 r"garbled/model.safetensors: the safetensors header is unreadable \(not JSON"),
+        BadInput("from_pretrained(path)", "a saved int8 model missing a layer's SCB",
+                 lambda: load(no_scb), CheckpointError,
+                 rf"{layer}: the checkpoint \(model.safetensors\) has no SCB for this int8 layer.*the file is incomplete"),
+        BadInput("from_pretrained(path)", "a saved int8 model missing a layer's weight",
+                 lambda: load(no_weight), CheckpointError,
+                 rf"{layer}: the checkpoint \(model.safetensors\) has no weight for this int8 layer"),
+        BadInput("quantize_model(model)", "a float64 model",
+                 lambda: quantize_model(load(float_dir, dtype=torch.float64)), ValueError,
+                 r"quantize_model quantizes float16, bfloat16 or float32 weights, and model.layers.0.self_attn.q_proj holds "
+                 r"torch.float64; cast the model first \(model.float\(\)"),
+        BadInput("quantize_model(model)", "a weight holding NaN/Inf", lambda: quantize_model(load(nan_dir)), ValueError,
+                 rf"{layer}.weight holds NaN or Inf in 2 of its 64 rows"),
+        BadInput("load_gguf(path)", "a truncated GGUF file", lambda: load_gguf(cut, LLMInt8Config()), ValueError,
+                 r"cut.gguf is truncated: tensor blk.0.ffn_down.weight needs bytes up to \d+ but the file has \d+ bytes; "
+                 "copy or download it again"),
+        BadInput("load_gguf(path)", "not a GGUF file", lambda: load_gguf(not_gguf, LLMInt8Config()), ValueError,
+                 r"notes.gguf is not a GGUF file \(it does not start with the GGUF magic bytes"),
+        BadInput("load_gguf(path)", "a weight holding NaN", lambda: load_gguf(nan_gguf, LLMInt8Config()), ValueError,
+                 r"model.layers.0.self_attn.o_proj.weight holds NaN or Inf in 1 of its 256 rows \(rows \[0\]; first at "
+                 r"row 0, column 3: nan\)"),
+        BadInput("llm-int8 quantize --save PATH", "PATH is an existing file",
+                 lambda: _cli("quantize", "--model", str(float_dir), "--save", str(a_file), "--no-progress"), CliExit,
+                 r"llm-int8 quantize: error: cannot save to .*a-file: it is a file, and the model is saved as a directory"),
+        BadInput("llm-int8 quantize --save PATH", "PATH is a non-empty directory, without --force",
+                 lambda: _cli("quantize", "--model", str(float_dir), "--save", str(busy), "--no-progress"), CliExit,
+                 r"cannot save to .*busy: the directory is not empty \(1 entry: notes.txt\); give a new or empty "
+                 "directory, or pass --force to replace its contents"),
+        BadInput("llm-int8 quantize --save PATH", "PATH cannot be written (under a file)",
+                 lambda: _cli("quantize", "--model", str(float_dir), "--save", str(a_file / "int8"), "--no-progress"),
+                 CliExit, r"cannot save to .*a-file/int8: .*a-file is not a directory this process can write to"),
+        BadInput("llm-int8 quantize --model DIR", "a truncated safetensors file in DIR",
+                 lambda: _cli("quantize", "--model", str(cli_dir / "truncated"), "--no-progress"), CliExit,
+                 r"llm-int8 quantize: error: .*truncated/model.safetensors is truncated"),
+        BadInput("llm-int8 quantize --model DIR --gguf-file F", "a truncated GGUF file",
+                 lambda: _cli("quantize", "--model", str(cli_dir / "gguf"), "--gguf-file", "cut.gguf", "--no-progress"),
+                 CliExit, r"llm-int8 quantize: error: .*cut.gguf is truncated: tensor blk.0.ffn_down.weight"),
+        BadInput("llm-int8 demo --out DIR", "demo writes no figures",
+                 lambda: _cli("demo", "--out", str(tmp_path / "figures"), "--model", str(tmp_path / "none")), CliExit,
+                 r"llm-int8: error: unrecognized arguments: --out"),
     ]
 
 
@@ -231,6 +440,24 @@ def test_checkpoint_catalogue(tmp_path):
     for entry in _checkpoint_cases(tmp_path):
         with pytest.raises(entry.error, match=entry.message):
             entry.call()
+
+
+def test_file_catalogue(tmp_path):
+    """Every model-folder, GGUF and command-line entry: its exception and message (the command line: exit
+    code 2 and the message on stderr, no traceback); and nothing is written where a save was refused."""
+    failures = []
+    for entry in _file_cases(tmp_path):
+        try:
+            with pytest.raises(entry.error, match=entry.message) as caught:
+                entry.call()
+            if entry.error is CliExit:
+                assert caught.value.code == 2 and "Traceback" not in str(caught.value), str(caught.value)
+        except BaseException as err:  # noqa: BLE001 - report every failing entry, not the first
+            failures.append(f"{_id(entry)}: {type(err).__name__}: {err}")
+    assert not failures, "\n".join(failures)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+    assert not (tmp_path / "figures").exists()
 
 
 # --------------------------------------------------------------------------------------------

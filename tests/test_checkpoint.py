@@ -172,7 +172,7 @@ def test_truncated_safetensors_is_a_clear_error(saved, keep):
     data = path.read_bytes()
     cut = int(len(data) * keep) if isinstance(keep, float) else (len(data) + keep if keep < 0 else keep)
     path.write_bytes(data[:cut])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"truncated.*copy or download it again, or restore it from a backup"):
         load_state_dict(path)
 
 
@@ -337,7 +337,7 @@ def test_save_killed_midway_keeps_the_previous_checkpoint(saved):
     # The half-written temporary is left behind and is never taken for a checkpoint.
     leftover = next(p for p in path.parent.iterdir() if p.name != path.name)
     assert leftover.name.startswith(f".{path.name}.") and leftover.suffix == ".tmp"
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated"):
         load_state_dict(leftover)
 
 

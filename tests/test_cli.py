@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -155,3 +156,98 @@ def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# quantize --save: refused before loading where it would overwrite or cannot write; written whole or not at all
+
+
+def _model_only(tiny, tmp_path):
+    """The tiny model's folder without its tokenizer (config and weights only)."""
+    import shutil
+
+    model, _ = tiny
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{model}/{name}", folder / name)
+    return folder
+
+
+def test_quantize_save_refuses_to_overwrite_and_writes_nothing(tiny, tmp_path, capsys):
+    model, _ = tiny
+    a_file = tmp_path / "int8"
+    a_file.write_text("precious")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("precious")
+    for target, message in [
+        (a_file, "it is a file, and the model is saved as a directory"),
+        (busy, r"the directory is not empty \(1 entry: keep.txt\); give a new or empty directory, or pass --force"),
+        (a_file / "sub", ".*/int8 is not a directory this process can write to; choose a directory you can write to"),
+    ]:
+        assert cli.main(["quantize", "--model", model, "--save", str(target), "--no-progress"]) == 2
+        captured = capsys.readouterr()
+        assert re.search(rf"llm-int8 quantize: error: cannot save to {re.escape(str(target))}: {message}", captured.err)
+        assert "wrote" not in captured.out and "Traceback" not in captured.err
+    assert a_file.read_text() == "precious" and [p.name for p in busy.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "int8"]  # no temporary folder left behind
+
+
+def test_quantize_save_force_replaces_a_directory_whole(tiny, tmp_path, capsys):
+    model, _ = tiny
+    target = tmp_path / "int8"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    assert cli.main(["quantize", "--model", model, "--save", str(target), "--force", "--no-progress"]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    assert not (target / "old.txt").exists() and (target / "model.safetensors").is_file()
+    assert (target / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(target)
+    assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+
+
+def test_a_failing_save_leaves_nothing_half_written(tiny, tmp_path, monkeypatch, capsys):
+    """The tokenizer's save fails after the model's was written: neither the target nor a temporary folder
+    remains, and the error is one line (exit 2), not a traceback."""
+    model, _ = tiny
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", broken_save)
+    assert cli.main(["quantize", "--model", model, "--save", str(tmp_path / "int8"), "--no-progress"]) == 2
+    assert "llm-int8 quantize: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_needs_no_tokenizer(tiny, tmp_path, capsys):
+    folder = _model_only(tiny, tmp_path)
+    target = tmp_path / "int8"
+    assert cli.main(["quantize", "--model", str(folder), "--save", str(target), "--no-progress"]) == 0
+    assert "the model folder has no tokenizer, so none was saved" in capsys.readouterr().out
+    assert (target / "model.safetensors").is_file() and not (target / "tokenizer.json").exists()
+
+
+def test_no_progress_silences_transformers_bars_too(tiny, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    model, _ = tiny
+    assert hf_logging.is_progress_bar_enabled()
+    assert cli.main(["quantize", "--model", model, "--save", str(tmp_path / "a"), "--no-progress"]) == 0
+    quiet = capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # only for the command's run
+    assert cli.main(["quantize", "--model", model, "--save", str(tmp_path / "b")]) == 0
+    loud = capsys.readouterr().err
+    assert "Loading weights" in loud and "Writing model shards" in loud  # what --no-progress must hide
+    assert "Loading weights" not in quiet and "Writing model shards" not in quiet and "it/s" not in quiet
+
+
+@pytest.mark.parametrize("command", ["demo", "ppl", "quantize"])
+def test_out_is_refused_where_no_figures_are_written(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # (a missing --model: were --out accepted, the run would stop there)
+        cli.main([command, "--out", str(tmp_path / "figures"), "--model", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()

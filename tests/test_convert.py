@@ -104,6 +104,33 @@ def test_default_skip_finds_heads_tied_to_embeddings():
     assert default_skip_modules(model) == ["lm_head"]
 
 
+@pytest.mark.parametrize("skip", [[], ["mlp"]])
+@pytest.mark.parametrize("make", [lambda: tiny_llama(tie=True), tiny_gpt2], ids=["llama-tied", "gpt2"])
+def test_a_tied_head_stays_float_whatever_skip_modules_says(make, skip):
+    """One rule on every path (tests/test_hf.py checks from_pretrained): a layer tied to an embedding stays
+    float and tied; an explicit skip list does not convert it (that would only untie it)."""
+    model = make()
+    embedding = model.get_input_embeddings().weight
+    ids = torch.randint(0, 256, (1, 8))
+    report = quantize_(model, Int8Config(skip_modules=skip))
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is embedding
+    assert "lm_head" in report.skipped and "lm_head" not in report.converted
+    assert report.converted and all(isinstance(model.get_submodule(n), Linear8bitLt) for n in report.converted)
+    assert report.bytes_after == memory_footprint(model)  # the embedding and the head counted once
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_weight_holding_nan_is_refused_and_the_model_left_as_it_was():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight holds NaN or Inf in 1 of its 64 rows "
+                       r"\(rows \[5\]; first at row 5, column 7: nan\)"):
+        quantize_(model)
+    assert not any(isinstance(m, Linear8bitLt) for m in model.modules())  # the layers before it were put back
+
+
 def test_generate_after_conversion():
     model = tiny_llama()
     quantize_(model)

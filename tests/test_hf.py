@@ -44,11 +44,11 @@ LOGITS_REL_ERR_BOUND = 2 * math.sqrt(MATMULS_PER_LAYER * LAYERS) / INT8_MAX
 
 
 def _tiny_config(arch: str):
-    if arch == "llama":
+    if arch.startswith("llama"):  # "llama-tied": the head tied to the embedding, as SmolLM2's is
         return transformers.LlamaConfig(
             hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-            pad_token_id=1,
+            pad_token_id=1, tie_word_embeddings=arch == "llama-tied",
         )
     return transformers.GPT2Config(
         n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=1,
@@ -60,7 +60,7 @@ def _tiny_config(arch: str):
 def checkpoints(tmp_path_factory):
     """arch -> folder of a float32 random-init checkpoint (safetensors)."""
     paths = {}
-    for seed, arch in enumerate(("llama", "gpt2")):
+    for seed, arch in enumerate(("llama", "gpt2", "llama-tied")):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(_tiny_config(arch))
         path = tmp_path_factory.mktemp(arch)
@@ -103,6 +103,8 @@ def test_config_round_trips_and_validates():
     assert config.to_int8_config() == llm_int8.Int8Config(4.0, ["mlp"])
     with pytest.raises(ValueError, match="threshold"):
         LLMInt8Config(threshold=-1.0)
+    with pytest.raises(TypeError, match="LLMInt8Config.threshold must be a number >= 0 .*got True"):
+        LLMInt8Config(threshold=True)  # one validator: refused as Linear8bitLt and Int8Config refuse it
     with pytest.raises(TypeError, match="skip_modules"):
         LLMInt8Config(skip_modules="lm_head")
     with pytest.raises(TypeError, match="unknown fields.*load_in_8bit"):
@@ -146,13 +148,51 @@ def test_every_linear_but_the_head_becomes_int8(checkpoints, arch):
     assert not any(t.is_meta for t in list(q.parameters()) + list(q.buffers()))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_skip_modules_replace_the_default(checkpoints, arch):
+def test_skip_modules_replace_the_default(checkpoints):
     skip = ["mlp"]
-    q = _load(checkpoints[arch], quantization_config=LLMInt8Config(skip_modules=skip))
+    q = _load(checkpoints["llama"], quantization_config=LLMInt8Config(skip_modules=skip))
     int8 = {name for name, m in q.named_modules() if isinstance(m, Linear8bitLt)}
     assert int8 and not any(".mlp." in name for name in int8)
-    assert "lm_head" in int8  # an explicit list replaces the default, which kept the head
+    assert "lm_head" in int8  # an explicit list replaces the default, which kept the (untied) head
+
+
+TIED = ["gpt2", "llama-tied"]
+
+
+@pytest.mark.parametrize("skip", [None, [], ["mlp"]])
+@pytest.mark.parametrize("arch", TIED)
+def test_a_tied_head_stays_float_on_every_path(checkpoints, arch, skip, input_ids, tmp_path):
+    """The rule quantize_ follows (tests/test_convert.py), on from_pretrained too: a layer tied to an embedding
+    stays float and tied, whatever skip_modules says; the model runs, equal to quantize_ of the float model,
+    and saves and reloads."""
+    q = _load(checkpoints[arch], quantization_config=LLMInt8Config(skip_modules=skip))
+    assert type(q.lm_head) is torch.nn.Linear and q.lm_head.weight is q.get_input_embeddings().weight
+    assert "lm_head" in q.hf_quantizer.report.skipped
+    expected = _load(checkpoints[arch])
+    llm_int8.quantize_(expected, llm_int8.Int8Config(skip_modules=skip))
+    assert {n for n, m in q.named_modules() if isinstance(m, Linear8bitLt)} == set(q.hf_quantizer.report.converted)
+    assert sorted(q.hf_quantizer.report.converted) == sorted(
+        n for n, m in expected.named_modules() if isinstance(m, Linear8bitLt))
+    with torch.no_grad():
+        logits = q(input_ids).logits
+        assert torch.equal(logits, expected(input_ids).logits)
+        q.save_pretrained(tmp_path)
+        assert torch.equal(_load(tmp_path)(input_ids).logits, logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", *TIED])
+def test_every_memory_report_is_one_footprint(checkpoints, arch):
+    """from_pretrained's report, quantize_model's and quantize_'s, memory_footprint and transformers'
+    get_memory_footprint agree, before and after, with a tied head counted once."""
+    fp32 = _load(checkpoints[arch])
+    before = llm_int8.memory_footprint(fp32)
+    assert before == fp32.get_memory_footprint()
+    q = _load(checkpoints[arch], quantization_config=LLMInt8Config())
+    after = llm_int8.memory_footprint(q)
+    assert after == q.get_memory_footprint()
+    reports = [q.hf_quantizer.report, quantize_model(copy.deepcopy(fp32)), llm_int8.quantize_(copy.deepcopy(fp32))]
+    assert [(r.bytes_before, r.bytes_after) for r in reports] == [(before, after)] * 3
+    assert f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB" in str(reports[0])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -300,7 +340,9 @@ def test_release_file_range_maps_file_offsets_to_addresses(tmp_path):
 
 def _whole_pages_of_quantized_weights(model, checkpoint):
     """Bytes of the whole pages inside the checkpoint byte ranges of the weights quantized on load."""
-    header, start = hf_integration._read_safetensors_header(str(checkpoint / "model.safetensors"))
+    from llm_int8.checkpoint import read_safetensors_header
+
+    header, start = read_safetensors_header(checkpoint / "model.safetensors")
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, Linear8bitLt):

@@ -95,6 +95,41 @@ def lora_layers(model):
 # Registration and dispatch
 
 
+def _adapted(peft_model) -> list[str]:
+    """The names (in the base model) of the layers that got an adapter."""
+    return sorted(
+        name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )
+
+
+# Every form of target_modules peft documents: the "all-linear" shorthand, a list of name suffixes, a regex
+# (full match), and the options that narrow them (exclude_modules, layers_to_transform with layers_pattern).
+TARGET_FORMS = {
+    "all-linear": dict(target_modules="all-linear"),
+    "list of names": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "regex": dict(target_modules=r".*\.mlp\.(up|gate)_proj"),
+    "all-linear minus exclude_modules": dict(target_modules="all-linear", exclude_modules=["o_proj", "down_proj"]),
+    "layers_to_transform": dict(target_modules=["k_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers"),
+}
+
+
+@pytest.mark.parametrize("form", TARGET_FORMS)
+def test_target_modules_pick_the_layers_they_pick_on_bitsandbytes_8bit(checkpoint, form, input_ids):
+    bnb = pytest.importorskip("bitsandbytes")
+    bnb_model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
+    assert isinstance(bnb_model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    expected = _adapted(get_peft_model(bnb_model, LoraConfig(r=4, **TARGET_FORMS[form])))
+    peft_model = get_peft_model(int8_model(checkpoint), LoraConfig(r=4, init_lora_weights=False, **TARGET_FORMS[form]))
+    assert _adapted(peft_model) == expected and expected
+    assert sorted(lora_layers(peft_model)) == ["base_model.model." + name for name in expected]
+    if form == "all-linear":  # q/k/v/o/gate/up/down of every layer: all but the head
+        assert len(expected) == 7 * LAYERS and not any("lm_head" in name for name in expected)
+    peft_model(input_ids).logits.float().pow(2).mean().backward()
+    assert all(m.lora_A["default"].weight.grad is not None for m in lora_layers(peft_model).values())
+
+
 @pytest.mark.parametrize("peft_first", [False, True], ids=["llm_int8 first", "peft first"])
 def test_import_registers_with_peft(peft_first):
     """``import llm_int8`` does not import peft; importing peft later registers the dispatcher, also

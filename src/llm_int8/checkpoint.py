@@ -251,16 +251,74 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------------
 # Loading
 
+#: What to do about a damaged checkpoint file, at the end of every message that reports one.
+DAMAGED_FILE_REMEDY = "copy or download it again, or restore it from a backup (or re-save it, if you wrote it)"
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets; plus ``__metadata__``) and
+    the byte where its data begins, after checking that the file holds every byte the header promises.
+
+    The one reader of safetensors headers in the package (``load_state_dict`` here; the transformers
+    integration checks every checkpoint shard with it before loading). Raises :class:`CheckpointError`
+    naming the file, what is wrong (not safetensors, header unreadable, truncated) and what to do.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(SAFETENSORS_HEADER_BYTES)
+        if len(prefix) < SAFETENSORS_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path} is not a safetensors file ({size} bytes, shorter than the 8-byte header length); it is "
+                f"truncated or not a checkpoint: {DAMAGED_FILE_REMEDY}"
+            )
+        length = int.from_bytes(prefix, "little")
+        if length > size - SAFETENSORS_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file: its first 8 bytes announce a {length}-byte header but "
+                f"the file has {size} bytes (truncated, or not a safetensors file): {DAMAGED_FILE_REMEDY}"
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path}: the safetensors header is unreadable (not JSON: {err}); the file is corrupt or not a "
+            f"safetensors file: {DAMAGED_FILE_REMEDY}"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: the safetensors header is unreadable (a JSON {type(header).__name__}, not a table of tensors); "
+            f"the file is corrupt or not a safetensors file: {DAMAGED_FILE_REMEDY}"
+        )
+    data_start = SAFETENSORS_HEADER_BYTES + length
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(
+                f"{path}: the safetensors header is unreadable (tensor {key!r} has no data offsets); the file is "
+                f"corrupt: {DAMAGED_FILE_REMEDY}"
+            )
+        if data_start + offsets[1] > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {key!r} ends at byte {data_start + offsets[1]} but the file has {size} "
+                f"bytes: {DAMAGED_FILE_REMEDY}"
+            )
+    return header, data_start
+
 
 def _read_safetensors(path: Path, map_location) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     safetensors = _safetensors()
+    read_safetensors_header(path)  # the messages for a damaged file: truncated, header unreadable
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as reader:
             metadata = reader.metadata() or {}
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except (safetensors.SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt: {err}); re-save it or restore a backup"
+            f"{path} is not a readable safetensors file (corrupt: {err}): {DAMAGED_FILE_REMEDY}"
         ) from err
     if map_location is not None:
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
@@ -303,7 +361,7 @@ def load_state_dict(path: str | os.PathLike, map_location=None, verify_checksum:
     else:
         raise CheckpointError(
             f"{path} is neither a safetensors file nor a torch.save file (it starts with {head[:8]!r}); "
-            "it may be truncated or corrupt"
+            f"it may be truncated or corrupt: {DAMAGED_FILE_REMEDY}"
         )
     expected = metadata.get(META_SHA256)
     if verify_checksum and expected is not None and _tensors_sha256(state_dict) != expected:

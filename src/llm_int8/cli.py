@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -29,6 +30,22 @@ def _tqdm_factory(enabled: bool):
         raise ImportError("progress bars need tqdm; install the extra: pip install 'llm-int8[eval]' (or pass --no-progress)")
     tqdm = importlib.import_module("tqdm").tqdm
     return lambda desc: (lambda iterable: tqdm(iterable, desc=f"{desc:>34}", leave=False, file=sys.stderr))
+
+
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """With --no-progress, transformers' own bars (loading and writing weights) are off too, for the command's run."""
+    if enabled or importlib.util.find_spec("transformers") is None:
+        yield
+        return
+    hf_logging = importlib.import_module("transformers.utils.logging")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,12 +195,14 @@ def cmd_scale(args, progress):
 
 
 def cmd_quantize(args, progress):
-    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold)
+    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold, args.force)
     print(f"{result['title']}: int8 model built tensor by tensor in {result['seconds']:.1f} s; footprint "
           f"{result['footprint'] / MiB:.0f} MiB ({result['converted']} linear layers int8, {result['kept']} kept float); "
           f"peak RSS of this process {result['peak_rss'] / MiB:.0f} MiB")
     if args.save:
-        print(f"wrote {args.save} (save_pretrained: a bitsandbytes-format 8-bit checkpoint; from_pretrained reads it back)")
+        tokenizer = "" if result["tokenizer"] else "; the model folder has no tokenizer, so none was saved"
+        print(f"wrote {args.save} (save_pretrained: a bitsandbytes-format 8-bit checkpoint; from_pretrained reads it back"
+              f"{tokenizer})")
     _write_json(args.json, result)
 
 
@@ -291,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_help = f"one of {', '.join(MODEL_NAMES)} (default {DEFAULT_MODEL}) or a local transformers model directory"
 
-    def add(name, func, help_text, windows=16, seq_len=512, data=True, calibrated=False, several_models=False):
+    def add(name, func, help_text, windows=16, seq_len=512, data=True, calibrated=False, several_models=False, figures=True):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         if several_models:
@@ -305,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--windows", type=_positive_int, default=windows, help="number of evaluation windows")
             p.add_argument("--seq-len", type=_positive_int, default=seq_len, help="tokens per window")
         p.add_argument("--json", default=None, metavar="PATH", help="write the machine-readable result here")
-        p.add_argument("--out", default=DEFAULT_OUT, help="folder for PNG figures")
+        if figures:  # only where a command writes figures: elsewhere --out is refused rather than ignored
+            p.add_argument("--out", default=DEFAULT_OUT, help="folder for PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if calibrated:
             p.add_argument(
@@ -314,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
             )
         return p
 
-    demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations", calibrated=True)
+    demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations", calibrated=True,
+               figures=False)
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
-    ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True)
+    ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True, figures=False)
     ppl.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE1_METHODS)
     outl = add("outliers", cmd_outliers, "§4.1 outlier features: dims, per-layer counts, plots, ablation", windows=4)
     outl.add_argument("--no-ablation", action="store_true", help="skip the zeroing ablation")
@@ -337,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--speed-model", default=None, help="model whose decode/prefill tokens/s are measured "
                        "(default: the last --model; 'none' to skip)")
     scale.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per method for tokens/s")
-    quant = add("quantize", cmd_quantize, "build the int8 model tensor by tensor (never the float model) and save it", data=False)
-    quant.add_argument("--save", default=None, metavar="DIR", help="save_pretrained the int8 model here")
+    quant = add("quantize", cmd_quantize, "build the int8 model tensor by tensor (never the float model) and save it", data=False,
+                figures=False)
+    quant.add_argument("--save", default=None, metavar="DIR", help="save_pretrained the int8 model here (a new or empty directory)")
+    quant.add_argument("--force", action="store_true", help="let --save replace a non-empty directory")
     quant.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
     return parser
 
@@ -348,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "methods", None) is not None:
         args.methods = list(dict.fromkeys(args.methods))
     try:
-        args.func(args, _tqdm_factory(not args.no_progress))
-    except (FileNotFoundError, ImportError, ValueError) as err:
+        with _library_progress_bars(not args.no_progress):
+            args.func(args, _tqdm_factory(not args.no_progress))
+    except (OSError, ImportError, ValueError) as err:  # (OSError: a missing file, a full disk, no permission)
         print(f"llm-int8 {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

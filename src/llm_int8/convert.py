@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -10,6 +9,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .functional import _check_threshold
 from .nn import Linear8bitLt
 
 
@@ -21,7 +21,8 @@ class Int8Config:
     skip_modules: names of modules to leave in float. A name matches every module whose qualified
         name contains it as whole dotted parts ("mlp", "lm_head", "layers.0"). ``None`` (the default) skips the
         output head (``model.get_output_embeddings()`` or a module named ``lm_head``) and every
-        linear layer whose weight is tied to an embedding; a list replaces that default.
+        linear layer whose weight is tied to an embedding; a list replaces that default, except that
+        a layer whose weight is tied to an embedding always stays float (see :func:`tied_layers`).
     fp_columns: calibrated outlier columns, ``{layer name: [input column, ...]}`` (see
         ``llm_int8.eval.calibrate``): those input columns of that layer always take the 16-bit path,
         against its weight columns stored in fp16 (``fp_cols`` / ``fp_weight`` in the state dict).
@@ -32,9 +33,7 @@ class Int8Config:
     fp_columns: dict[str, list[int]] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold) or self.threshold < 0:
-            raise ValueError(f"Int8Config.threshold must be a number >= 0, got {self.threshold!r}")
-        self.threshold = float(self.threshold)
+        self.threshold = _check_threshold(self.threshold, "Int8Config.threshold")
         if self.skip_modules is not None:
             if isinstance(self.skip_modules, str) or not all(isinstance(s, str) for s in self.skip_modules):
                 raise TypeError(f"Int8Config.skip_modules must be a list of module names, got {self.skip_modules!r}")
@@ -69,10 +68,23 @@ class QuantizeReport:
 
 
 def memory_footprint(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each storage counted once (tied weights)."""
+    """Bytes held by the model's parameters and buffers, each tensor counted once.
+
+    The one footprint every memory report uses (``QuantizeReport``, the transformers integration's
+    report, the CLI). Tensors sharing storage (a head tied to the embedding) count once. On the meta
+    device, where there is no storage, a parameter counts once per object, and a transformers model's
+    declared ties (``all_tied_weights_keys``: tied name -> source name) are honoured, so a meta skeleton
+    whose head is not tied yet gives the footprint of the model it becomes.
+    """
+    ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    params = dict(model.named_parameters())
     seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = (tensor.device, tensor.untyped_storage().data_ptr()) if not tensor.is_meta else id(tensor)
+    for name, tensor in list(params.items()) + list(model.named_buffers()):
+        if tensor.is_meta:
+            source = params.get(ties.get(name, ""))
+            key = id(tensor) if source is None or source is tensor else id(source)
+        else:
+            key = (tensor.device, tensor.untyped_storage().data_ptr())
         if key in seen:
             continue
         seen.add(key)
@@ -94,6 +106,35 @@ def is_convertible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def tied_layers(model: nn.Module) -> list[str]:
+    """The convertible layers whose weight is tied to an embedding's: always kept float.
+
+    A tied layer shares its weight with an ``nn.Embedding`` (same tensor or storage; on a transformers
+    model also by declaration, ``all_tied_weights_keys``, which covers the meta skeleton of
+    ``from_pretrained`` before transformers ties it). The embedding stays float, so converting such a
+    layer could only untie it: a second (int8) copy of the weight, and on ``from_pretrained`` a layer
+    that transformers' tying then hands the float weight. So every path (``quantize_``,
+    ``from_pretrained``, ``quantize_model``, the GGUF loader) keeps them float, whatever ``skip_modules``
+    says. To quantize a tied head, untie it first (e.g. ``tie_word_embeddings=False`` in the config).
+    """
+    embeddings = {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    embedding_ids = {id(w) for w in embeddings.values()}
+    embedding_storages = {w.untyped_storage().data_ptr() for w in embeddings.values() if not w.is_meta}
+    ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    declared = {  # the other side of every declared tie whose one side is an embedding's weight
+        other.removesuffix(".weight") for a, b in ties.items() for one, other in ((a, b), (b, a)) if one in embeddings
+    }
+    tied = []
+    for name, module in model.named_modules():
+        if not is_convertible(module):
+            continue
+        weight = module.weight
+        if (id(weight) in embedding_ids or name in declared
+                or (not weight.is_meta and weight.untyped_storage().data_ptr() in embedding_storages)):
+            tied.append(name)
+    return tied
+
+
 def default_skip_modules(model: nn.Module) -> list[str]:
     """The output head and every convertible layer whose weight is an embedding's weight."""
     names = {id(m): name for name, m in model.named_modules()}
@@ -101,20 +142,11 @@ def default_skip_modules(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and id(head) in names:
         skip.append(names[id(head)])
-    embedding_storages = {
-        m.weight.untyped_storage().data_ptr()
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and not m.weight.is_meta
-    }
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name in tied_layers(model):
+        if name not in skip:
+            skip.append(name)
     for name, module in model.named_modules():
-        if not is_convertible(module) or name in skip:
-            continue
-        weight = module.weight
-        tied = id(weight) in embedding_weights or (
-            not weight.is_meta and weight.untyped_storage().data_ptr() in embedding_storages
-        )
-        if tied or name == "lm_head" or name.endswith(".lm_head"):
+        if is_convertible(module) and name not in skip and (name == "lm_head" or name.endswith(".lm_head")):
             skip.append(name)
     return skip
 
@@ -137,27 +169,31 @@ def select_layers(
     that ``quantize_`` converts and of those it leaves in float, in module order.
 
     ``skip_modules`` as in :class:`Int8Config` (``None``: the output head and embedding-tied layers);
-    ``filter_fn(module, name)`` returning False keeps a layer in float too. Every module swap in the
-    package (``quantize_``, the evaluation's methods and activation hooks) chooses its layers here.
+    ``filter_fn(module, name)`` returning False keeps a layer in float too, and embedding-tied layers
+    always stay float (:func:`tied_layers`). Every module swap in the package (``quantize_``,
+    ``from_pretrained``, the evaluation's methods and activation hooks) chooses its layers here.
     """
     skip = default_skip_modules(model) if skip_modules is None else skip_modules
+    tied = set(tied_layers(model))
     targets, skipped = [], []
     for name, module in model.named_modules():
         if not is_convertible(module):
             continue
-        if _matches(name, skip) or (filter_fn is not None and not filter_fn(module, name)):
+        if name in tied or _matches(name, skip) or (filter_fn is not None and not filter_fn(module, name)):
             skipped.append(name)
         else:
             targets.append(name)
     return targets, skipped
 
 
-def convert_module(module: nn.Module, threshold: float, fp_cols: list[int] | None = None) -> Linear8bitLt:
+def convert_module(
+    module: nn.Module, threshold: float, fp_cols: list[int] | None = None, name: str = ""
+) -> Linear8bitLt:
     """One ``nn.Linear`` or ``Conv1D`` as a ``Linear8bitLt`` on the same device; ``fp_cols`` are
-    input columns kept in fp16 (calibrated outlier dims)."""
+    input columns kept in fp16 (calibrated outlier dims); ``name`` (its qualified name) is what errors call it."""
     # Conv1D computes x @ weight + bias with weight [in, out]: the Linear weight is its transpose.
     weight = module.weight if isinstance(module, nn.Linear) else module.weight.T
-    layer = Linear8bitLt.from_weight(weight, module.bias, threshold)
+    layer = Linear8bitLt.from_weight(weight, module.bias, threshold, name=f"{name}.weight" if name else "weight")
     if fp_cols:
         layer.set_fp_columns(torch.tensor(fp_cols, dtype=torch.int64), weight.detach().to(torch.float16))
     return layer
@@ -172,7 +208,8 @@ def quantize_(
 
     Skipped: the modules named by ``config.skip_modules`` (see :class:`Int8Config` for the default)
     and those for which ``filter_fn(module, qualified_name)`` returns False. Returns a report with
-    the converted names and the memory footprint before and after.
+    the converted names and the memory footprint before and after. A layer that cannot be
+    converted (a weight holding NaN/Inf) raises, and the model is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -185,12 +222,20 @@ def quantize_(
     targets, report.skipped = select_layers(model, config.skip_modules, filter_fn)
     if "" in targets:
         raise TypeError("the model is itself a linear layer; convert it with Linear8bitLt.from_linear(layer)")
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        with torch.no_grad():
-            fp_cols = (config.fp_columns or {}).get(name)
-            setattr(parent, child, convert_module(getattr(parent, child), config.threshold, fp_cols))
-        report.converted.append(name)
+    swapped = []  # (parent, attribute, float module): put back if a later layer is refused
+    try:
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            with torch.no_grad():
+                fp_cols = (config.fp_columns or {}).get(name)
+                setattr(parent, child, convert_module(original, config.threshold, fp_cols, name))
+            swapped.append((parent, child, original))
+            report.converted.append(name)
+    except BaseException:
+        for parent, child, original in reversed(swapped):  # the model is left as it was given
+            setattr(parent, child, original)
+        raise
     report.bytes_after = memory_footprint(model)
     return report

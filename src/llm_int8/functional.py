@@ -35,15 +35,20 @@ def _check_float_input(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must have at least one dimension (its last is the feature dim K), got a scalar")
 
 
-def _check_threshold(threshold: float) -> float:
+def _check_threshold(threshold: float, name: str = "threshold") -> float:
+    """The outlier threshold alpha as a float, or the error that says what is wrong with it.
+
+    The one threshold validator: ``Linear8bitLt`` (constructor and attribute), ``Int8Config`` /
+    ``LLMInt8Config`` and the functional ops call it; ``name`` is how the caller's user spells it.
+    """
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(
-            f"threshold must be a number >= 0 (0 disables the outlier decomposition; the paper uses 6.0), got {threshold!r}"
+            f"{name} must be a number >= 0 (0 disables the outlier decomposition; the paper uses 6.0), got {threshold!r}"
         )
     threshold = float(threshold)
     if math.isnan(threshold) or threshold < 0.0:
         raise ValueError(
-            f"threshold must be >= 0 (0 disables the outlier decomposition; the paper uses 6.0), got {threshold}"
+            f"{name} must be >= 0 (0 disables the outlier decomposition; the paper uses 6.0), got {threshold}"
         )
     return threshold
 
@@ -82,10 +87,11 @@ def plain_eager_call(x, bias: torch.Tensor | None) -> bool:
     """True for eager inference: x a plain float tensor, no gradient needed, not under
     torch.compile, no torch function or dispatch mode active (else the op and its dispatcher are
     needed: autograd, tracing and modes). Written for speed: it runs on every layer call."""
+    if type(x) is not torch.Tensor:
+        return False  # (before reading x.dtype: a list gets check_linear_input's TypeError)
     dt = x.dtype
     return (
-        type(x) is torch.Tensor
-        and (dt is torch.float32 or dt is torch.bfloat16 or dt is torch.float16)
+        (dt is torch.float32 or dt is torch.bfloat16 or dt is torch.float16)
         and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
         and not torch.compiler.is_compiling()
         and not torch._C._len_torch_dispatch_stack()
@@ -134,17 +140,39 @@ def int8_vectorwise_quant(
     return x_int8.reshape(x.shape), x_absmax, outlier_cols
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """Vector-wise int8 weight: (weight_int8 [N, K], weight_absmax float32 [N]).
 
     Quantized from the weight's own dtype. For fp16 weights the codes and absmax are bit-identical
     to bitsandbytes (which casts fp32/bf16 weights to fp16 first; we do not, which is more faithful).
+    A weight holding NaN or +-Inf is refused (a ValueError naming ``name``, the layer's weight as the
+    caller knows it, and the rows): no int8 code or finite scale represents those rows, and a saved
+    non-finite scale would make the checkpoint unreadable. Every quantizing path calls this function.
     """
-    _check_float_input(weight, "weight")
+    _check_float_input(weight, name)
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    _check_finite_weight(weight, name)
     weight_int8, weight_absmax, _ = _ops.int8_vectorwise_quant(weight, 0.0)
     return weight_int8, weight_absmax
+
+
+def _check_finite_weight(weight: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming ``name`` and the first rows of ``weight`` [N, K] that hold NaN or +-Inf."""
+    if weight.is_meta or weight.numel() == 0:
+        return
+    bad_rows = (~torch.isfinite(weight)).any(dim=1)
+    if not bool(bad_rows.any()):
+        return
+    rows = bad_rows.nonzero().view(-1)
+    first = rows[0].item()
+    col = (~torch.isfinite(weight[first])).nonzero()[0].item()
+    raise ValueError(
+        f"{name} holds NaN or Inf in {rows.numel()} of its {weight.shape[0]} rows (rows {rows[:8].tolist()}"
+        f"{' ...' if rows.numel() > 8 else ''}; first at row {first}, column {col}: {weight[first, col].item()}); "
+        "int8 codes and their float32 row scales cannot represent them. The float weights are broken (a diverged "
+        "training run or a damaged file): load a good copy of them before quantizing"
+    )
 
 
 def dequantize_weight(weight_int8: torch.Tensor, weight_absmax: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

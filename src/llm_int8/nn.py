@@ -54,11 +54,17 @@ class Linear8bitLt(nn.Module):
                 "train adapters (e.g. LoRA) on top of it (gradients reach the input and the bias), or train an "
                 "nn.Linear and convert it afterwards with Linear8bitLt.from_linear(linear)."
             )
+        for size in (in_features, out_features):
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(
+                    f"in_features and out_features must be ints, got {in_features!r}, {out_features!r}; "
+                    "to convert a layer use Linear8bitLt.from_linear(linear), to call one pass a tensor to the module"
+                )
         if in_features < 0 or out_features < 0:
             raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")
         self.in_features = in_features
         self.out_features = out_features
-        self.threshold = _check_threshold(threshold)
+        self.threshold = threshold  # checked by __setattr__
         self.has_fp16_weights = False
         self.weight = nn.Parameter(
             torch.empty((out_features, in_features), dtype=torch.int8, device=device), requires_grad=False
@@ -73,6 +79,13 @@ class Linear8bitLt(nn.Module):
         self.register_buffer("fp_weight", None)
         if self.weight.device.type != "meta":
             self.reset_parameters()
+
+    def __setattr__(self, name, value):
+        # The threshold is checked wherever it is set (constructor or ``layer.threshold = ...``), by the
+        # validator every entry point shares, so the forward never sees an invalid one.
+        if name == "threshold":
+            value = _check_threshold(value, "Linear8bitLt.threshold")
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -89,14 +102,15 @@ class Linear8bitLt(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0, *, name: str = "weight"
     ) -> "Linear8bitLt":
-        """Quantize a float weight [out_features, in_features] (and copy the bias) into a new module."""
+        """Quantize a float weight [out_features, in_features] (and copy the bias) into a new module;
+        ``name`` is what an error calls the weight (e.g. its qualified name in a model)."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, bias=bias is not None, threshold=threshold, device="meta")
-        module._set_weight(weight.detach())
+        module._set_weight(weight.detach(), name)
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         return module
@@ -108,8 +122,8 @@ class Linear8bitLt(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls.from_weight(linear.weight, linear.bias, threshold)
 
-    def _set_weight(self, weight: torch.Tensor) -> None:
-        weight_int8, weight_absmax = F.quantize_weight(weight)
+    def _set_weight(self, weight: torch.Tensor, name: str = "weight") -> None:
+        weight_int8, weight_absmax = F.quantize_weight(weight, name)
         self.weight = nn.Parameter(weight_int8, requires_grad=False)
         self.SCB = weight_absmax
         self.weight_format = weight_format_tensor(weight.device)
@@ -232,7 +246,7 @@ class Linear8bitLt(nn.Module):
                     f"{where}: weight has shape {tuple(weight.shape)}, expected [out_features, in_features] = "
                     f"[{self.out_features}, {self.in_features}]"
                 )
-            out[WEIGHT], out[SCALE] = F.quantize_weight(weight)
+            out[WEIGHT], out[SCALE] = F.quantize_weight(weight, f"{where}.{WEIGHT}")
             out["weight_format"] = weight_format_tensor()
             out[FP_COLS] = out[FP_WEIGHT] = None
         elif weight.dtype != torch.int8:

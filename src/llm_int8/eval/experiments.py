@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -367,20 +371,92 @@ def peak_rss() -> int:
     return 0
 
 
-def quantize_to_disk(model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0) -> dict:
+def quantize_to_disk(
+    model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0, force: bool = False
+) -> dict:
     """Build the int8 model without the float one (:func:`.models.load_int8_model`) and ``save_pretrained``
-    it to ``save`` (if given); returns the load time, footprint and this process's peak RSS."""
+    it (with the tokenizer, where the model has one) to the directory ``save``, if given; returns the load
+    time, footprint and this process's peak RSS, and whether a tokenizer was saved.
+
+    ``save`` is checked before the model loads (:func:`check_save_dir`: a file in the way, a non-empty
+    directory without ``force``, a place that cannot be written all raise ValueError), and written
+    whole or not at all (:func:`save_pretrained_whole`).
+    """
     from ..integrations.hf import LLMInt8Config
 
+    if save:
+        check_save_dir(save, force)
     start = time.perf_counter()
-    lm, tokenizer = load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold))
+    lm, tokenizer = load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold), require_tokenizer=False)
     seconds = time.perf_counter() - start
     report = lm.hf_quantizer.report
     result = {
         "model": model, "title": model_title(model), "seconds": seconds, "footprint": memory_footprint(lm),
         "converted": len(report.converted), "kept": len(report.skipped), "peak_rss": peak_rss(),
+        "tokenizer": tokenizer is not None,
     }
     if save:
-        lm.save_pretrained(save)
-        tokenizer.save_pretrained(save)
+        save_pretrained_whole([lm] + ([tokenizer] if tokenizer is not None else []), save, force)
     return result
+
+
+def check_save_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """The directory ``save_pretrained`` may write to, or a ValueError saying why not and what to do.
+
+    Refused: an existing file (save_pretrained writes a directory); a non-empty directory unless
+    ``force``; a place this process cannot create or write (its nearest existing parent is not a
+    writable directory).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"cannot save to {path}: it is a file, and the model is saved as a directory (config.json, "
+            "model.safetensors, ...); give the path of a new directory, or move the file away"
+        )
+    if path.is_dir() and any(path.iterdir()) and not force:
+        entries = sorted(entry.name for entry in path.iterdir())
+        raise ValueError(
+            f"cannot save to {path}: the directory is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
+            f"{', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); give a new or empty directory, or pass --force to replace its contents"
+        )
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (path.is_dir() and not os.access(path, os.W_OK)):
+        raise ValueError(
+            f"cannot save to {path}: {parent} is not a directory this process can write to; choose a directory you can write to"
+        )
+    return path
+
+
+def save_pretrained_whole(objects: list, path: str | os.PathLike, force: bool = False) -> None:
+    """``obj.save_pretrained`` of each of ``objects`` into the directory ``path``, whole or not at all.
+
+    Everything is written into a temporary directory beside ``path`` and renamed onto it once complete, so
+    an error or an interruption never leaves a half-written model under ``path``; with ``force`` an existing
+    directory is replaced (it is moved aside first and deleted once the new one is in place).
+    """
+    path = check_save_dir(path, force)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    except OSError as err:
+        raise ValueError(f"cannot save to {path}: {err.strerror or err}; choose a directory you can write to") from None
+    old = None
+    try:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        if path.is_dir() and any(path.iterdir()):
+            old = path.parent / f"{tmp.name[:-len('.partial')]}.old"
+            os.replace(path, old)
+        os.replace(tmp, path)  # onto a missing or empty directory: atomic
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous contents back
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

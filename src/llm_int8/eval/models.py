@@ -180,6 +180,16 @@ def resolve_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None) -> t
         )
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise FileNotFoundError(f"no GGUF file '{gguf_file}' in {path}")
+    # A damaged file gets our message (naming it, saying what to do), not an error from inside a reader.
+    if gguf_file is not None:
+        from ..integrations.gguf import check_gguf_file
+
+        check_gguf_file(path / gguf_file)
+    else:
+        from ..checkpoint import read_safetensors_header
+
+        for shard in sorted(path.glob("*.safetensors")):
+            read_safetensors_header(shard)
     return path, gguf_file
 
 
@@ -217,13 +227,20 @@ def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: 
     return lm.eval(), tokenizer
 
 
-def load_int8_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, quantization_config=None):
+#: Files that hold a transformers tokenizer (one of them is in every saved tokenizer's folder).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_int8_model(
+    model: str = DEFAULT_MODEL, gguf_file: str | None = None, quantization_config=None, require_tokenizer: bool = True
+):
     """(int8 model in eval mode, tokenizer), built without the float model ever being whole in memory.
 
     A GGUF file (a named model, or ``--gguf-file`` in a local directory) streams through
     :func:`llm_int8.integrations.gguf.load_gguf`; a local safetensors checkpoint through
     ``from_pretrained(..., quantization_config=...)``, which quantizes each weight as it loads.
-    ``quantization_config`` defaults to ``LLMInt8Config()`` (alpha = 6).
+    ``quantization_config`` defaults to ``LLMInt8Config()`` (alpha = 6). With ``require_tokenizer=False``
+    a model directory without tokenizer files gives ``None`` for the tokenizer (quantizing needs none).
     """
     transformers = _transformers()
     from ..integrations.hf import LLMInt8Config
@@ -231,7 +248,8 @@ def load_int8_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, qu
     quantization_config = quantization_config or LLMInt8Config()
     path, gguf = resolve_model(model, gguf_file)
     if gguf is None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        has_tokenizer = require_tokenizer or any((path / name).is_file() for name in TOKENIZER_FILES)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         lm = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, quantization_config=quantization_config
         )

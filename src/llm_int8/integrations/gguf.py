@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,7 +53,10 @@ from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
 from .. import _memory
+from .. import functional as F
+from ..checkpoint import DAMAGED_FILE_REMEDY
 from ..nn import Linear8bitLt
+from ..saved_format import weight_format_tensor
 from .hf import LLMInt8Config, finish_int8_model, prepare_int8_model
 
 # Large tensors (embeddings, an untied head) are dequantized this many elements at a time (64 MiB of
@@ -141,27 +145,53 @@ class _Tensor(NamedTuple):
     data: np.ndarray  # uint8 [rows, bytes per row] (quant_shape_to_byte_shape): a view of the mapped file
 
 
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """Raise ValueError naming ``path`` if it is not a readable GGUF file: not GGUF, a header cut short, or
+    tensor data past the end of the file (truncated); the loaders call it before reading any tensor."""
+    _tensor_table(Path(path))
+
+
 def _tensor_table(path: Path) -> tuple[str, list[_Tensor]]:
-    """(architecture, every tensor of the file in file order) from transformers' GGUF header reader.
+    """(architecture, every tensor of the file in file order) from transformers' GGUF header reader,
+    each tensor's bytes checked to lie inside the file (see :func:`check_gguf_file`).
 
     Its public ``GgufHeader`` refuses ggml types it has no packed kernel for (Q5_0, which the Qwen2.5
     files use), and ``gguf.GGUFReader`` turns each of a 151,936-token vocabulary's strings into numpy
     views (~10 s per load); the reader's metadata and tensor-table functions do neither.
     """
-    blob = np.asarray(_mapped(str(path)))  # a plain ndarray view: numpy's memmap subclass costs per slice
-    metadata, count, pos = _read_metadata(blob, str(path))
-    entries, pos = _read_tensor_table(blob, count, pos)
+    size = path.stat().st_size
+    blob = np.asarray(_mapped(str(path))) if size else np.zeros(0, np.uint8)  # (an empty file cannot be mapped)
+    # (a plain ndarray view: numpy's memmap subclass costs per slice)
+    if bytes(blob[:4]) != b"GGUF":
+        raise ValueError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes; {size} bytes): give the path of "
+            f"a .gguf file, or, if it is one, it is damaged: {DAMAGED_FILE_REMEDY}"
+        )
+    try:
+        metadata, count, pos = _read_metadata(blob, str(path))
+        entries, pos = _read_tensor_table(blob, count, pos)
+        architecture = metadata["general.architecture"]
+        qtypes = [GGMLQuantizationType(ggml_type) for _, _, ggml_type, _ in entries]
+    except (struct.error, IndexError, ValueError, KeyError, UnicodeDecodeError, OverflowError) as err:
+        raise ValueError(
+            f"{path} is not a readable GGUF file: its header is cut short or corrupt ({err}); "
+            f"{DAMAGED_FILE_REMEDY}"
+        ) from None
     alignment = metadata.get("general.alignment", 32)
     data_start = (pos + alignment - 1) // alignment * alignment
     tensors = []
-    for name, shape, ggml_type, offset in entries:
-        qtype = GGMLQuantizationType(ggml_type)
+    for (name, shape, _, offset), qtype in zip(entries, qtypes):
         block, block_bytes = GGML_QUANT_SIZES[qtype]
         start = data_start + offset
         nbytes = math.prod(shape) // block * block_bytes
+        if start + nbytes > size:
+            raise ValueError(
+                f"{path} is truncated: tensor {name} needs bytes up to {start + nbytes} but the file has {size} bytes; "
+                f"{DAMAGED_FILE_REMEDY}"
+            )
         data = blob[start : start + nbytes].reshape(quant_shape_to_byte_shape(shape, qtype))
         tensors.append(_Tensor(name, qtype, data))
-    return metadata["general.architecture"], tensors
+    return architecture, tensors
 
 
 def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -180,8 +210,8 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 
 def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Load one tensor into ``model`` by its qualified name; an int8 layer quantizes a float weight
-    (``Linear8bitLt``'s state-dict loading: the same ``F.quantize_weight`` as ``quantize_model``)."""
+    """Load one tensor into ``model`` by its qualified name; an int8 layer's float weight is quantized
+    (the same ``F.quantize_weight`` as ``quantize_model``) and loaded with its scales."""
     prefix, _, leaf = name.rpartition(".")
     module = model.get_submodule(prefix)
     current = getattr(module, leaf, None)
@@ -189,6 +219,12 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"the GGUF tensor for {name} has no place in the model")
     if tuple(tensor.shape) != tuple(current.shape):
         raise ValueError(f"the GGUF tensor for {name} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
-    errors = module.load_state_dict({leaf: tensor}, strict=False, assign=True)
+    if isinstance(module, Linear8bitLt) and leaf == "weight":
+        # quantized here rather than by the layer's state-dict loading, so that a refusal (NaN/Inf) names the layer
+        weight_int8, weight_absmax = F.quantize_weight(tensor, name)
+        tensor = {leaf: weight_int8, "SCB": weight_absmax, "weight_format": weight_format_tensor()}
+    else:
+        tensor = {leaf: tensor}
+    errors = module.load_state_dict(tensor, strict=False, assign=True)
     if errors.unexpected_keys:
         raise ValueError(f"cannot load the GGUF tensor for {name}: {errors}")

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
-import struct
 from types import SimpleNamespace
 
 if importlib.util.find_spec("transformers") is None:
@@ -48,7 +46,8 @@ from transformers.utils.quantization_config import BitsAndBytesConfig, Quantizat
 
 from .. import _memory, saved_format
 from .. import functional as F
-from ..convert import Int8Config, QuantizeReport, default_skip_modules, is_convertible, quantize_
+from ..checkpoint import read_safetensors_header
+from ..convert import Int8Config, QuantizeReport, default_skip_modules, is_convertible, memory_footprint, quantize_
 from ..nn import Linear8bitLt
 
 QUANT_METHOD = "llm_int8"
@@ -101,6 +100,7 @@ class LLMInt8Config(QuantizationConfigMixin):
                 f"LLMInt8Config got unknown fields {sorted(kwargs)}; it takes threshold and skip_modules. "
                 "For a bitsandbytes 8-bit config use LLMInt8Config.from_bitsandbytes(config)."
             )
+        threshold = F._check_threshold(threshold, "LLMInt8Config.threshold")  # (the error names the class used)
         core = Int8Config(threshold=threshold, skip_modules=skip_modules)  # validates both fields
         self.quant_method = QUANT_METHOD
         self.threshold = core.threshold
@@ -226,7 +226,15 @@ class _QuantizeWeightOnLoad(ConversionOps):
         module_name = name.rpartition(".")[0]
         if module_name in self.hf_quantizer.transposed_modules:
             value = value.T  # Conv1D stores its weight [in, out]; Linear8bitLt wants [out, in]
-        weight_int8, weight_absmax = F.quantize_weight(value)
+        try:
+            weight_int8, weight_absmax = F.quantize_weight(value, name)
+        except ValueError as err:
+            # transformers would log this into its load report and raise a generic error at the end; the
+            # refusal is collected instead (every bad layer, not only the first) and raised, as it is, once
+            # loading is over. Zeros stand in meanwhile; the model is never returned.
+            self.hf_quantizer.refused.append(str(err))
+            weight_int8 = torch.zeros(value.shape, dtype=torch.int8, device=value.device)
+            weight_absmax = torch.zeros(value.shape[0], dtype=torch.float32, device=value.device)
         weight_format = saved_format.weight_format_tensor(weight_int8.device)
         if self.hf_quantizer.checkpoint_pages is not None:
             # The float weight is consumed: its pages of the mapped checkpoint shard are no longer needed,
@@ -274,7 +282,7 @@ class _CheckpointPages:
             try:
                 path = os.path.realpath(file)
                 inode = os.stat(path).st_ino
-                header, data_start = _read_safetensors_header(path)
+                header, data_start = read_safetensors_header(path)
             except (OSError, ValueError):
                 continue
             for key, info in header.items():
@@ -314,15 +322,43 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 
 
-def _expect_calibrated_columns(model, checkpoint_files) -> None:
+def _checkpoint_headers(checkpoint_files) -> dict[str, dict]:
+    """The header of every safetensors shard among ``checkpoint_files`` (path -> header), each checked by
+    :func:`llm_int8.checkpoint.read_safetensors_header`: a truncated or unreadable shard is refused here,
+    naming the file, instead of failing somewhere inside transformers' loading."""
+    return {
+        str(file): read_safetensors_header(file)[0] for file in checkpoint_files or () if str(file).endswith(".safetensors")
+    }
+
+
+def _check_int8_keys(model, headers: dict[str, dict]) -> None:
+    """A saved int8 checkpoint must hold ``weight`` and ``SCB`` for every int8 layer; say which is missing.
+
+    transformers leaves a tensor absent from the checkpoint as the skeleton allocated it (uninitialized
+    memory), which the value checks would then report as nonsense scales or -128 codes.
+    """
+    keys = {key for header in headers.values() for key in header}
+    layers = [name for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
+    if not any(f"{name}.{leaf}" in keys for name in layers for leaf in (saved_format.WEIGHT, saved_format.SCALE)):
+        return  # the checkpoint names its tensors otherwise (transformers renames them on load)
+    for name in layers:
+        missing = [leaf for leaf in (saved_format.WEIGHT, saved_format.SCALE) if f"{name}.{leaf}" not in keys]
+        if missing:
+            files = ", ".join(sorted(os.path.basename(f) for f in headers))
+            raise saved_format.invalid(
+                name,
+                f"the checkpoint ({files}) has no {' and no '.join(missing)} for this int8 layer "
+                f"({saved_format.WEIGHT}: int8 codes, {saved_format.SCALE}: their float32 row scales; both are needed)",
+                "the file is incomplete: restore it from a backup, or re-save the model with save_pretrained",
+            )
+
+
+def _expect_calibrated_columns(model, headers: dict[str, dict]) -> None:
     """Give each int8 layer whose checkpoint holds calibrated columns (``fp_cols`` / ``fp_weight``) meta
     buffers of the saved shapes and dtypes, so that transformers loads them (a layer has none until
     calibrated, and transformers drops checkpoint tensors that the model does not hold)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear8bitLt)}
-    for file in checkpoint_files:
-        if not str(file).endswith(".safetensors"):
-            continue
-        header, _ = _read_safetensors_header(str(file))
+    for header in headers.values():
         for key, info in header.items():
             prefix, _, leaf = key.rpartition(".")
             module = layers.get(prefix)
@@ -350,21 +386,6 @@ def _validate_loaded_layers(model) -> None:
         saved_format.validate_int8_layer(tensors, name, shape=(module.out_features, module.in_features))
 
 
-def _read_safetensors_header(path: str) -> tuple[dict, int]:
-    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data begins."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{path}: not a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > os.path.getsize(path) - 8:
-            raise ValueError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(length))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file")
-    return header, 8 + length
-
-
 # --------------------------------------------------------------------------------------------
 # Quantizer
 
@@ -374,7 +395,8 @@ class LLMInt8HfQuantizer(HfQuantizer):
     """Drives ``from_pretrained`` for :class:`LLMInt8Config`; users never build it themselves.
 
     After loading, ``model.hf_quantizer.report`` is the :class:`llm_int8.QuantizeReport` of the
-    conversion (converted and skipped layer names; the byte counts are those of the meta skeleton),
+    conversion (converted and skipped layer names; ``bytes_before`` the float model's footprint, taken
+    on the meta skeleton, ``bytes_after`` the loaded model's, both :func:`llm_int8.memory_footprint`),
     and ``model.hf_quantizer.checkpoint_bytes_released`` the bytes of mapped checkpoint pages given
     back as the weights were quantized (0 where unsupported or disabled).
     """
@@ -389,10 +411,17 @@ class LLMInt8HfQuantizer(HfQuantizer):
         self.load_dtype: torch.dtype | None = None
         self.checkpoint_pages: _CheckpointPages | None = None
         self.checkpoint_bytes_released = 0
+        self.refused: list[str] = []  # why weights could not be quantized (NaN/Inf), raised after loading
 
     def update_dtype(self, dtype):
         # Weights are cast to this dtype as they stream in, before we quantize them; the disk
         # re-quantization below must start from the same values.
+        if dtype not in F.FLOAT_DTYPES:
+            raise ValueError(
+                f"LLMInt8Config quantizes float16, bfloat16 or float32 weights, and from_pretrained was asked for "
+                f"dtype={dtype}; pass dtype=torch.float32 (or torch.bfloat16 / torch.float16) to from_pretrained: the "
+                "weights are quantized from that dtype and the layers that stay float (embeddings, norms, head) keep it"
+            )
         self.load_dtype = dtype
         return dtype
 
@@ -419,6 +448,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
         return sorted(set(skip))
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        headers = _checkpoint_headers(checkpoint_files)  # a damaged shard is refused before anything loads
         if RELEASE_MEMORY_WHILE_LOADING and not self.pre_quantized and checkpoint_files and _memory.supported():
             self.checkpoint_pages = _CheckpointPages(checkpoint_files)
         self.transposed_modules = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
@@ -433,12 +463,18 @@ class LLMInt8HfQuantizer(HfQuantizer):
                 # transformers' weight init must never draw into an int8 weight: it either loads from the
                 # checkpoint or, mapped to disk, stays meta here and is read back from the offload index.
                 module.weight._is_hf_initialized = True
-        if self.pre_quantized and checkpoint_files:
-            _expect_calibrated_columns(model, checkpoint_files)
+        if self.pre_quantized and headers:
+            _check_int8_keys(model, headers)
+            _expect_calibrated_columns(model, headers)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.checkpoint_pages = None  # loading is over: the shards are closed
+        if self.refused:
+            more = len(self.refused) - 1
+            raise ValueError(self.refused[0] + (f" ({more} more weight(s) of this checkpoint likewise)" if more else ""))
+        if self.report is not None:
+            self.report.bytes_after = memory_footprint(model)  # the loaded model itself, as every report counts it
         # What peft's prepare_model_for_kbit_training (gradient checkpointing, input grads) and the
         # Trainer (no DataParallel over int8 layers) look for in an 8-bit model.
         model.is_loaded_in_8bit = True
@@ -544,6 +580,11 @@ def quantize_model(model, config: LLMInt8Config | None = None) -> QuantizeReport
                 f"the model is already quantized ({name} holds a {weight.dtype} weight); load it in float "
                 "(without quantization_config) before calling quantize_model"
             )
+        if is_convertible(module) and weight.dtype not in F.FLOAT_DTYPES:
+            raise ValueError(
+                f"quantize_model quantizes float16, bfloat16 or float32 weights, and {name} holds {weight.dtype}; "
+                "cast the model first (model.float(), or model.to(torch.bfloat16)), or load it with dtype=torch.float32"
+            )
     quantizer = prepare_int8_model(model, config)
     finish_int8_model(model, quantizer)
     return quantizer.report
@@ -558,9 +599,9 @@ def prepare_int8_model(model, config: LLMInt8Config) -> LLMInt8HfQuantizer:
     way the same layers are converted. Call :func:`finish_int8_model` once every weight is in place.
     """
     quantizer = LLMInt8HfQuantizer(config, pre_quantized=False)
+    quantizer._process_model_before_weight_loading(model)  # raises with the model left as it was
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    quantizer._process_model_before_weight_loading(model)
     return quantizer
 
 

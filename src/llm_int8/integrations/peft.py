@@ -17,8 +17,11 @@ once peft is imported (right away if it already is), after which
   int8 codes.
 
 peft has no plug-in point for new layer types: its LoRA model picks a layer class from a fixed list
-of dispatchers (``LoraModel._create_new_module``). :func:`register` puts one dispatcher for
-``Linear8bitLt`` in front of that list and leaves every other layer to peft. Tested with peft 0.21.2.
+of dispatchers (``LoraModel._create_new_module``), and ``target_modules="all-linear"`` picks the layers
+that are ``nn.Linear`` (bitsandbytes' 8-bit layer is one; ours is not). :func:`register` puts one
+dispatcher for ``Linear8bitLt`` in front of that list, adds ``Linear8bitLt`` to what "all-linear"
+selects (so it targets the same layers as on a bitsandbytes 8-bit model), and leaves every other
+layer to peft. Tested with peft 0.21.2.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ if importlib.util.find_spec("peft") is None:
     raise ImportError("llm_int8.integrations.peft needs peft; install it: pip install peft")
 
 import torch
+from peft.tuners import tuners_utils
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from .. import functional as F
@@ -228,11 +233,42 @@ def dispatch_linear8bitlt(target: nn.Module, adapter_name: str, config, **kwargs
 # Registration
 
 
+def _int8_all_linear_names(model: nn.Module) -> set[str]:
+    """The ``Linear8bitLt`` layers ``target_modules="all-linear"`` should select, by peft's own rules for
+    ``nn.Linear``: all but the output head and layers already inside an adapter layer."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = [prefix + "." for prefix, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return {
+        name for name, m in model.named_modules()
+        if isinstance(m, Linear8bitLt) and m is not head and not name.startswith(tuple(wrapped))
+    }
+
+
+def _register_all_linear() -> None:
+    """Make peft's "all-linear" shorthand select ``Linear8bitLt`` layers too (idempotent)."""
+    original = tuners_utils._maybe_include_all_linear_layers
+    if getattr(original, "_llm_int8_all_linear", False):
+        return
+
+    def _maybe_include_all_linear_layers(peft_config, model):
+        target = getattr(peft_config, "target_modules", None)
+        all_linear = isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+        peft_config = original(peft_config, model)
+        if all_linear:
+            peft_config.target_modules = set(peft_config.target_modules) | _int8_all_linear_names(model)
+        return peft_config
+
+    _maybe_include_all_linear_layers._llm_int8_all_linear = True
+    tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+
+
 def register() -> None:
-    """Put :func:`dispatch_linear8bitlt` in front of peft's LoRA dispatchers (idempotent).
+    """Put :func:`dispatch_linear8bitlt` in front of peft's LoRA dispatchers and make "all-linear" select
+    ``Linear8bitLt`` (idempotent).
 
     Layer types a user registered with ``LoraConfig._register_custom_module`` keep precedence.
     """
+    _register_all_linear()
     original = LoraModel._create_new_module
     if getattr(original, "_llm_int8_dispatch", False):
         return
