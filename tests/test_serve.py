@@ -161,7 +161,10 @@ def test_load_for_serving_baselines_and_refusals(tiny_dir, tmp_path):
     fp32 = load_for_serving(str(tiny_dir / "float"), "fp32")
     assert type(fp32.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     bnb = pytest.importorskip("bitsandbytes")
-    assert isinstance(load_for_serving(str(tiny_dir / "float"), "bnb-8bit").model.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
+    served = load_for_serving(str(tiny_dir / "float"), "bnb-8bit")
+    layer = served.model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8  # quantized before serving
+    assert served.memory_bytes < fp32.memory_bytes
     with pytest.raises(ValueError, match="quantization must be one of llm-int8, fp32, bnb-8bit, got 'int4'"):
         load_for_serving(str(tiny_dir / "float"), "int4")
     other = tmp_path / "other"

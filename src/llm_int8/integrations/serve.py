@@ -51,6 +51,7 @@ from transformers.cli.serving.transcription import TranscriptionHandler
 from transformers.cli.serving.utils import GenerationState
 from transformers.utils import logging as hf_logging
 
+from .. import _memory
 from ..convert import memory_footprint
 from ..eval import models as named_models
 from .hf import LLMInt8Config
@@ -135,7 +136,12 @@ def load_for_serving(
         if quantization == BNB_8BIT:
             from ..eval.methods import METHODS
 
-            lm = METHODS["bitsandbytes"].build(lm, {})  # swaps the layers in place, float weights freed
+            lm = METHODS["bitsandbytes"].build(lm, {})  # swaps the layers in place
+            # bitsandbytes quantizes a CPU layer's weight at its first forward: run one, so that the server
+            # starts (and reports its memory) with int8 weights, the float ones freed.
+            with torch.inference_mode():
+                lm(input_ids=torch.zeros(1, 1, dtype=torch.long))
+            _memory.trim_heap()
     lm.eval().requires_grad_(False)
     if name is None:
         name = canonical if canonical in named_models.MODEL_NAMES else directory.resolve().name
