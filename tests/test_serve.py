@@ -49,6 +49,8 @@ class Server:
         self.started = threading.Event()
         self.url = None
         threading.Thread(target=self._read, daemon=True).start()
+
+    def wait_started(self):
         if not self.started.wait(START_TIMEOUT_S) or self.url is None:
             self.proc.kill()
             raise RuntimeError("llm-int8 serve did not start:\n" + "".join(self.lines[-40:]))
@@ -67,12 +69,18 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = Server()
+def server_process():
+    srv = Server()  # loads in its own process while this one loads the offline model
     yield srv
     if srv.proc.poll() is None:
         srv.proc.kill()
         srv.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(server_process, offline):
+    server_process.wait_started()
+    return server_process
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def offline():
+def offline(server_process):
     torch.manual_seed(0)
     model, tokenizer = load_int8_model(MODEL)
     assert isinstance(model.model.layers[0].mlp.down_proj, Linear8bitLt)
