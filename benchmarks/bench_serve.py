@@ -167,23 +167,44 @@ def main() -> None:
     print(f"bench_serve: {args.model}, {args.requests} requests at concurrency {args.concurrency} x {args.rounds} rounds, "
           f"{args.max_tokens} new tokens each (greedy), continuous batching {'on' if args.continuous_batching else 'off'}; "
           f"CPU: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    servers = []
+    servers, failed = [], {}
+
+    def attempt(s, what, fn):
+        """fn() for server s; a failure is reported, that server stopped and left out, the others go on."""
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 (any failure of one method is a result to report)
+            failed[s.method] = f"{what}: {type(err).__name__}: {err}"
+            print(f"  {s.method}: FAILED {failed[s.method]}", flush=True)
+            s.stop()
+            servers.remove(s)
+
     try:
         for method in args.methods:
             t = time.perf_counter()
-            servers.append(Server(args.model, method, args.continuous_batching, args.time_limit))
+            try:
+                servers.append(Server(args.model, method, args.continuous_batching, args.time_limit))
+            except RuntimeError as err:
+                failed[method] = f"start: {err}"
+                print(f"  {method}: FAILED to start: {err}", flush=True)
+                continue
             print(f"  {method}: server up in {time.perf_counter() - t:.0f} s, model {servers[-1].model_mib} MiB, "
                   f"RSS {servers[-1].rss_loaded / MiB:.0f} MiB", flush=True)
-        for s in servers:  # one short request each first: the first forward of a process pays one-off costs
-            s.complete(len(TASKS) - 1, 2)
+        for s in list(servers):  # one short request each first: the first forward of a process pays one-off costs
+            attempt(s, "warm-up", lambda: s.complete(len(TASKS) - 1, 2))
         stats = {s.method: {"alone": None, "tokens": 0, "wall": 0.0, "latency": [], "changed": 0, "asked": 0} for s in servers}
-        for s in servers:  # references, and concurrency-1 throughput
-            replies, tokens, latencies, wall = run_phase(s, indices, 1, args.max_tokens, args.time_limit)
-            stats[s.method].update(alone=replies, alone_tps=tokens / wall)
-            print(f"  {s.method}: alone {tokens / wall:.2f} tokens/s", flush=True)
+        for s in list(servers):  # references, and concurrency-1 throughput
+            result = attempt(s, "alone", lambda: run_phase(s, indices, 1, args.max_tokens, args.time_limit))
+            if result:
+                replies, tokens, latencies, wall = result
+                stats[s.method].update(alone=replies, alone_tps=tokens / wall)
+                print(f"  {s.method}: alone {tokens / wall:.2f} tokens/s", flush=True)
         for r in range(args.rounds):
-            for s in servers:
-                replies, tokens, latencies, wall = run_phase(s, indices, args.concurrency, args.max_tokens, args.time_limit)
+            for s in list(servers):
+                result = attempt(s, f"round {r + 1}", lambda: run_phase(s, indices, args.concurrency, args.max_tokens, args.time_limit))
+                if not result:
+                    continue
+                replies, tokens, latencies, wall = result
                 st = stats[s.method]
                 st["tokens"] += tokens
                 st["wall"] += wall
@@ -196,6 +217,7 @@ def main() -> None:
     finally:
         for s in servers:
             s.stop()
+    stats = {s.method: stats[s.method] for s in servers}
 
     offline_line = None
     if args.offline_check and "llm-int8" in stats:
@@ -228,6 +250,8 @@ def main() -> None:
           f"reply; replies = alone: loaded replies equal to the same prompt's reply sent alone; RSS: server process once loaded)")
     if offline_line:
         print(offline_line)
+    for method, why in failed.items():
+        print(f"{method}: FAILED ({why.splitlines()[0]})")
     if base and "llm-int8" in stats:
         goals = [f"llm-int8 / fp32 tokens/s {tps['llm-int8'] / tps['fp32']:.2f}x (goal >= 2)"]
         if bnb:

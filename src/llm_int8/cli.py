@@ -274,9 +274,13 @@ def cmd_serve(args, progress):
         print(f"llm-int8 serve: listening on {args.host}, not only this machine: anyone who can reach it can use the "
               "model (there is no authentication)", file=sys.stderr)
     print(f"loading {args.model} ({args.quantization}) ...", file=sys.stderr, flush=True)
-    served = serve.load_for_serving(
-        args.model, args.quantization, gguf_file=args.gguf_file, threshold=args.threshold, progress=progress, name=args.name,
-    )
+    try:
+        served = serve.load_for_serving(
+            args.model, args.quantization, gguf_file=args.gguf_file, threshold=args.threshold, progress=progress, name=args.name,
+        )
+    except KeyboardInterrupt:
+        print("\nllm-int8 serve: interrupted while loading; nothing was served", file=sys.stderr)
+        return
     stop = serve.run_server(
         served, args.host, args.port, args.continuous_batching, log_level=args.log_level,
         on_started=lambda url: print(serve.startup_text(served, url, args.continuous_batching, serve.rss_bytes()), flush=True),
