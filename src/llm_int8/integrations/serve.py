@@ -41,6 +41,7 @@ for _module in ("fastapi", "uvicorn", "openai", "transformers"):
 import torch
 import uvicorn
 from fastapi import HTTPException
+from transformers import ContinuousBatchingConfig
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers.cli.serving.completion import CompletionHandler
 from transformers.cli.serving.model_manager import ModelManager
@@ -65,6 +66,10 @@ QUANTIZATIONS = (LLM_INT8, FP32, BNB_8BIT)  # fp32 and bnb-8bit: the baselines b
 GRACEFUL_SHUTDOWN_SECONDS = 5  # open streams get this long to finish after Ctrl-C / SIGTERM
 MAX_TEMPERATURE = 2.0  # OpenAI's range for temperature is [0, 2]
 MiB = 2**20
+# --continuous-batching: KV cache capacity in blocks of 256 tokens (64: 16,384 tokens, e.g. 740 MiB for SmolLM2-135M,
+# 390 MiB for Qwen2.5-0.5B in float32) and tokens per batched forward.
+CB_NUM_BLOCKS = 64
+CB_MAX_BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -311,7 +316,10 @@ class _Server(uvicorn.Server):
 def build_app(served: ServedModel, continuous_batching: bool = False):
     """(FastAPI app, GenerationState) of transformers' serving engine, pinned to ``served``."""
     manager = _PinnedModelManager(served, continuous_batching)
-    state = GenerationState(continuous_batching=continuous_batching)
+    # transformers sizes the paged KV cache from the device's free memory (60-90 % of it); on the CPU that is
+    # the machine's RAM: a 12 GB cache for SmolLM2 got the server OOM-killed at its first request. Bounded:
+    cb_config = ContinuousBatchingConfig(num_blocks=CB_NUM_BLOCKS, max_batch_tokens=CB_MAX_BATCH_TOKENS)
+    state = GenerationState(continuous_batching=continuous_batching, cb_config=cb_config if continuous_batching else None)
     app = build_server(
         manager,
         _CheckedChatHandler(served, model_manager=manager, generation_state=state),
