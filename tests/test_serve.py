@@ -184,6 +184,16 @@ def test_load_for_serving_baselines_and_refusals(tiny_dir, tmp_path):
         load_for_serving(str(tmp_path / "missing"))
 
 
+def test_continuous_batching_gets_a_bounded_cache(tiny_dir):
+    from llm_int8.integrations import serve
+
+    served = serve.load_for_serving(str(tiny_dir / "float"))
+    _, state = serve.build_app(served, continuous_batching=True)
+    assert state._cb_config.num_blocks == serve.CB_NUM_BLOCKS and state._cb_config.max_batch_tokens == serve.CB_MAX_BATCH_TOKENS
+    _, state = serve.build_app(served)
+    assert state._cb_config is None and not state._continuous_batching
+
+
 # ------------------------------------------------------------------------------------------------
 # The server
 
