@@ -286,6 +286,27 @@ def cmd_calibrate(args, progress):
     _write_json(args.json, {"plan": plan, "memory_bytes": memory, "perplexity": payload})
 
 
+def cmd_serve(args, progress):
+    from .integrations import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"llm-int8 serve: listening on {args.host}, not only this machine: anyone who can reach it can use the "
+              "model (there is no authentication)", file=sys.stderr)
+    print(f"loading {args.model} ({args.quantization}) ...", file=sys.stderr, flush=True)
+    try:
+        served = serve.load_for_serving(
+            args.model, args.quantization, gguf_file=args.gguf_file, threshold=args.threshold, progress=progress, name=args.name,
+        )
+    except KeyboardInterrupt:
+        print("\nllm-int8 serve: interrupted while loading; nothing was served", file=sys.stderr)
+        return
+    stop = serve.run_server(
+        served, args.host, args.port, args.continuous_batching, log_level=args.log_level,
+        on_started=lambda url: print(serve.startup_text(served, url, args.continuous_batching, serve.rss_bytes()), flush=True),
+    )
+    print(f"llm-int8 serve: stopped{f' ({serve.signal_name(stop)})' if stop else ''}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Parser
 
@@ -363,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--save", default=None, metavar="DIR", help="save_pretrained the int8 model here (a new or empty directory)")
     quant.add_argument("--force", action="store_true", help="let --save replace a non-empty directory")
     quant.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
+    serve_help = "serve the model in int8 behind an OpenAI-compatible HTTP API (transformers' serving engine)"
+    srv = sub.add_parser("serve", help=serve_help, description=serve_help)
+    srv.set_defaults(func=cmd_serve)
+    srv.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help}, or a directory saved by llm-int8 (save_pretrained)")
+    srv.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
+    srv.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only; "
+                     "0.0.0.0 opens it to the network, without authentication)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 takes a free one)")
+    srv.add_argument("--quantization", choices=["llm-int8", "fp32", "bnb-8bit"], default="llm-int8",
+                     help="llm-int8 (default), or a baseline: fp32, bitsandbytes 0.50.2 8-bit")
+    srv.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
+    srv.add_argument("--name", default=None, help="model id clients send and /v1/models lists (default: the model's name)")
+    srv.add_argument("--continuous-batching", action="store_true",
+                     help="batch concurrent requests (transformers' paged attention); off by default: replies then depend "
+                          "on the other traffic and the first request's sampling settings hold for all (docs/serve.md)")
+    srv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                     help="uvicorn's and transformers' log level (default %(default)s)")
     return parser
 
 

@@ -211,8 +211,11 @@ def _hf_files(gguf_path: Path) -> Path:
     return folder
 
 
-def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) for ``model`` (see :func:`resolve_model`), weights in ``dtype``."""
+def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, progress=None):
+    """(model in eval mode, tokenizer) for ``model`` (see :func:`resolve_model`), weights in ``dtype``.
+
+    progress: passed to the streaming GGUF loader (:func:`llm_int8.integrations.gguf.load_gguf`); the
+    other paths show transformers' own progress bars."""
     transformers = _transformers()
     path, gguf = resolve_model(model, gguf_file)
     if canonical_name(model) in PARTED_MODELS:
@@ -220,7 +223,7 @@ def load_model(model: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: 
 
         hf = _hf_files(path / gguf)
         config = transformers.AutoConfig.from_pretrained(hf)
-        return load_gguf(path / gguf, config=config, dtype=dtype), transformers.AutoTokenizer.from_pretrained(hf)
+        return load_gguf(path / gguf, config=config, dtype=dtype, progress=progress), transformers.AutoTokenizer.from_pretrained(hf)
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -232,7 +235,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_int8_model(
-    model: str = DEFAULT_MODEL, gguf_file: str | None = None, quantization_config=None, require_tokenizer: bool = True
+    model: str = DEFAULT_MODEL, gguf_file: str | None = None, quantization_config=None, require_tokenizer: bool = True,
+    progress=None,
 ):
     """(int8 model in eval mode, tokenizer), built without the float model ever being whole in memory.
 
@@ -241,6 +245,7 @@ def load_int8_model(
     ``from_pretrained(..., quantization_config=...)``, which quantizes each weight as it loads.
     ``quantization_config`` defaults to ``LLMInt8Config()`` (alpha = 6). With ``require_tokenizer=False``
     a model directory without tokenizer files gives ``None`` for the tokenizer (quantizing needs none).
+    ``progress`` goes to the streaming loader, as in :func:`load_model`.
     """
     transformers = _transformers()
     from ..integrations.hf import LLMInt8Config
@@ -261,7 +266,7 @@ def load_int8_model(
         config, tokenizer = transformers.AutoConfig.from_pretrained(hf), transformers.AutoTokenizer.from_pretrained(hf)
     else:
         config, tokenizer = None, transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    return load_gguf(path / gguf, quantization_config, config=config), tokenizer
+    return load_gguf(path / gguf, quantization_config, config=config, progress=progress), tokenizer
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 for _module, _extra in (("transformers", "hf"), ("gguf", "hf")):
     if importlib.util.find_spec(_module) is None:
@@ -78,6 +78,7 @@ def load_gguf(
     config=None,
     dtype: torch.dtype = torch.float32,
     release_pages: bool = True,
+    progress: Callable[[str], Callable[[Iterable], Iterable]] | None = None,
 ):
     """A transformers causal LM built tensor by tensor from the GGUF file ``path``, in eval mode.
 
@@ -87,6 +88,8 @@ def load_gguf(
         metadata, as transformers does).
     dtype: the float dtype of every tensor that stays float (embeddings, norms, head, biases).
     release_pages: give each tensor's pages of the mapped file back once it is converted (Linux).
+    progress: a factory ``description -> (iterable -> iterable)`` wrapped around the tensors as they
+        load (a tqdm bar, as the CLI's ``--no-progress`` factories give); ``None`` shows nothing.
     """
     path = Path(path)
     if not path.is_file():
@@ -105,7 +108,7 @@ def load_gguf(
 
     loaded = set()
     parsed = {"tensors": {}}  # where transformers' processors would put tensors they split (MoE experts)
-    for info in tensors:
+    for info in tensors if progress is None else progress(f"loading {path.name}")(tensors):
         values = _dequantize(info.data, info.qtype)
         result = processor.process(weights=values, name=info.name, tensor_key_mapping=names, parsed_parameters=parsed)
         if parsed["tensors"]:
