@@ -11,11 +11,12 @@ import warnings
 from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA tensors when available)
 from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
-from .nn import Linear8bitLt
+from .nn import Embedding8bit, Linear8bitLt
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Embedding8bit",
     "Int8Config",
     "Linear8bitLt",
     "QuantizeReport",
