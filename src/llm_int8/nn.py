@@ -345,7 +345,7 @@ class Embedding8bit(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .half() / .to(dtype) set the output dtype; the codes and float32 scales only follow device moves.
-        probe = fn(torch.empty(0, dtype=self.dtype, device=self.SCB.device))
+        probe = fn(torch.empty(0, dtype=self.dtype))  # what fn does to a float tensor (on the CPU: never meta)
         if probe.dtype.is_floating_point:
             self.dtype = probe.dtype
         scale = self._buffers["SCB"]
