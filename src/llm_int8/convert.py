@@ -31,7 +31,7 @@ class Int8Config:
         whose weight *is* the head's weight (a tied input embedding, as in SmolLM2 and Qwen2.5) becomes an
         :class:`~llm_int8.nn.Embedding8bit` holding the head's own int8 codes and ``SCB``: the float table
         goes, and the tie stays. Default ``False``: the head and tied layers stay float, as bitsandbytes
-        keeps them (its LLM.int8() never converts the head or an embedding). With an explicit
+        keeps them by default (and it has no int8 embedding). With an explicit
         ``skip_modules`` the list must not name the head.
     """
 
