@@ -12,11 +12,12 @@ from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA ten
 from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
 from .decode import lean_decoding
-from .nn import Linear8bitLt
+from .nn import Embedding8bit, Linear8bitLt
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Embedding8bit",
     "Int8Config",
     "Linear8bitLt",
     "QuantizeReport",

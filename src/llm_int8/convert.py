@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .functional import _check_threshold
-from .nn import Linear8bitLt
+from .nn import Embedding8bit, Linear8bitLt
+from .saved_format import weight_format_tensor
 
 
 @dataclass
@@ -26,11 +27,19 @@ class Int8Config:
     fp_columns: calibrated outlier columns, ``{layer name: [input column, ...]}`` (see
         ``llm_int8.eval.calibrate``): those input columns of that layer always take the 16-bit path,
         against its weight columns stored in fp16 (``fp_cols`` / ``fp_weight`` in the state dict).
+    quantize_head: also convert the output head (``model.get_output_embeddings()``, else a layer named
+        ``lm_head``) to a ``Linear8bitLt``, the same LLM.int8() layer as every other. An ``nn.Embedding``
+        whose weight *is* the head's weight (a tied input embedding, as in SmolLM2 and Qwen2.5) becomes an
+        :class:`~llm_int8.nn.Embedding8bit` holding the head's own int8 codes and ``SCB``: the float table
+        goes, and the tie stays. Default ``False``: the head and tied layers stay float, as bitsandbytes
+        keeps them by default (and it has no int8 embedding). With an explicit
+        ``skip_modules`` the list must not name the head.
     """
 
     threshold: float = 6.0
     skip_modules: list[str] | None = None
     fp_columns: dict[str, list[int]] | None = None
+    quantize_head: bool = False
 
     def __post_init__(self):
         self.threshold = _check_threshold(self.threshold, "Int8Config.threshold")
@@ -47,6 +56,8 @@ class Int8Config:
                     "Int8Config.fp_columns must map layer names to lists of input column indices >= 0, "
                     f"got {self.fp_columns!r}"
                 )
+        if not isinstance(self.quantize_head, bool):
+            raise TypeError(f"Int8Config.quantize_head must be True or False, got {self.quantize_head!r}")
 
 
 @dataclass
@@ -57,12 +68,14 @@ class QuantizeReport:
     skipped: list[str] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    int8_embeddings: list[str] = field(default_factory=list)  # Embedding8bit sharing the head's int8 weight
 
     def __str__(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        tied = f", int8 embeddings tied to the head: {', '.join(self.int8_embeddings)}" if self.int8_embeddings else ""
         return (
             f"converted {len(self.converted)} linear layers to int8, kept {len(self.skipped)} in float "
-            f"({', '.join(self.skipped) or 'none'}); memory {self.bytes_before / 2**20:.1f} MiB -> "
+            f"({', '.join(self.skipped) or 'none'}){tied}; memory {self.bytes_before / 2**20:.1f} MiB -> "
             f"{self.bytes_after / 2**20:.1f} MiB ({ratio:.3f}x)"
         )
 
@@ -151,6 +164,61 @@ def default_skip_modules(model: nn.Module) -> list[str]:
     return skip
 
 
+def output_head_name(model: nn.Module) -> str | None:
+    """The qualified name of the output head: ``model.get_output_embeddings()`` when the model has one,
+    else the first linear layer named ``lm_head`` (float or already int8); None when there is neither."""
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def linear(module):
+        return is_convertible(module) or isinstance(module, Linear8bitLt)
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head) in names and linear(head):
+        return names[id(head)]
+    for name, module in model.named_modules():
+        if linear(module) and (name == "lm_head" or name.endswith(".lm_head")):
+            return name
+    return None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors are one (the same object, or views of the same bytes with one shape)."""
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta or a.device != b.device:
+        return False
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def embeddings_tied_to(model: nn.Module, layer_name: str) -> list[str]:
+    """Names of the ``nn.Embedding`` modules whose weight is the weight of the layer ``layer_name``."""
+    weight = model.get_submodule(layer_name).weight
+    return [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and _same_tensor(m.weight, weight)
+    ]
+
+
+def share_tied_scales(model: nn.Module) -> list[tuple[str, str]]:
+    """Give every int8 head whose ``weight`` is an :class:`Embedding8bit`'s weight that embedding's ``SCB``
+    too; returns the (head, embedding) pairs.
+
+    A loader that re-ties a head to its embedding (transformers' ``tie_weights``, which sets the head's
+    ``weight`` to the embedding's Parameter) ties the codes but not the scales; this ties the scales, so
+    head and embedding hold one int8 table and one ``SCB`` again.
+    """
+    embeddings = {id(m.weight): (name, m) for name, m in model.named_modules() if isinstance(m, Embedding8bit)}
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear8bitLt) and id(module.weight) in embeddings:
+            embedding_name, embedding = embeddings[id(module.weight)]
+            module.SCB = embedding.SCB
+            if module.weight_format is None or module.weight_format.is_meta:  # (never loaded: the head had no tensor)
+                module.weight_format = weight_format_tensor(module.weight.device)
+            pairs.append((name, embedding_name))
+    return pairs
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     """True when some pattern's dotted parts appear as a run of name's parts ("mlp" matches
     "model.layers.0.mlp.up_proj"; "layers.0" matches everything below it; "proj" matches nothing)."""
@@ -163,18 +231,20 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def select_layers(
-    model: nn.Module, skip_modules: list[str] | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+    model: nn.Module, skip_modules: list[str] | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    int8_head: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """(converted, kept float): the qualified names of the convertible layers (``nn.Linear`` / ``Conv1D``)
     that ``quantize_`` converts and of those it leaves in float, in module order.
 
     ``skip_modules`` as in :class:`Int8Config` (``None``: the output head and embedding-tied layers);
     ``filter_fn(module, name)`` returning False keeps a layer in float too, and embedding-tied layers
-    always stay float (:func:`tied_layers`). Every module swap in the package (``quantize_``,
+    always stay float (:func:`tied_layers`), except ``int8_head``: the head that ``quantize_head=True``
+    converts together with the embeddings tied to it (which then share its int8 codes). Every module swap in the package (``quantize_``,
     ``from_pretrained``, the evaluation's methods and activation hooks) chooses its layers here.
     """
     skip = default_skip_modules(model) if skip_modules is None else skip_modules
-    tied = set(tied_layers(model))
+    tied = set(tied_layers(model)) - {int8_head}
     targets, skipped = [], []
     for name, module in model.named_modules():
         if not is_convertible(module):
@@ -219,7 +289,11 @@ def quantize_(
     if not isinstance(config, Int8Config):
         raise TypeError(f"config must be an llm_int8.Int8Config, got {type(config).__name__}")
     report = QuantizeReport(bytes_before=memory_footprint(model))
-    targets, report.skipped = select_layers(model, config.skip_modules, filter_fn)
+    skip_modules, head, tied = config.skip_modules, None, []
+    if config.quantize_head:
+        skip_modules, head = _skip_modules_with_head(model, skip_modules)
+        tied = embeddings_tied_to(model, head)
+    targets, report.skipped = select_layers(model, skip_modules, filter_fn, int8_head=head)
     if "" in targets:
         raise TypeError("the model is itself a linear layer; convert it with Linear8bitLt.from_linear(layer)")
     swapped = []  # (parent, attribute, float module): put back if a later layer is refused
@@ -237,5 +311,30 @@ def quantize_(
         for parent, child, original in reversed(swapped):  # the model is left as it was given
             setattr(parent, child, original)
         raise
+    if head in targets:  # (a filter_fn may have kept it float: then its tied embeddings stay float too)
+        for name in tied:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Embedding8bit.tied_to(model.get_submodule(head), getattr(parent, child)))
+            report.int8_embeddings.append(name)
     report.bytes_after = memory_footprint(model)
     return report
+
+
+def _skip_modules_with_head(model: nn.Module, skip_modules: list[str] | None) -> tuple[list[str], str]:
+    """(the skip list for ``quantize_head=True``, the head's name): the default list without the head, or
+    the given list, which must not name the head."""
+    head = output_head_name(model)
+    if head is None:
+        raise ValueError(
+            "Int8Config(quantize_head=True), but the model has no output head (no get_output_embeddings() and no "
+            "linear layer named lm_head); drop quantize_head, or name the layers to keep float in skip_modules"
+        )
+    if skip_modules is None:
+        return [name for name in default_skip_modules(model) if name != head], head
+    if _matches(head, skip_modules):
+        raise ValueError(
+            f"Int8Config(quantize_head=True) converts the output head {head!r}, but skip_modules "
+            f"{skip_modules} keeps it float; drop it from skip_modules or set quantize_head=False"
+        )
+    return list(skip_modules), head

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import functional as F
 from . import saved_format
+from ._ops import INT8_MAX
 from .functional import _check_threshold
 from .saved_format import FP_COLS, FP_WEIGHT, LAYER_KEYS, SCALE, WEIGHT, weight_format_tensor
 
@@ -267,3 +268,131 @@ class Linear8bitLt(nn.Module):
             else:
                 out["bias"] = bias
         return out
+
+
+class Embedding8bit(nn.Module):
+    """An ``nn.Embedding`` whose table is stored as vector-wise int8: row ``i`` is ``weight[i] * SCB[i] / 127``.
+
+    Made for an output head quantized with ``Int8Config(quantize_head=True)`` whose weight is tied to the
+    input embedding (SmolLM2, Qwen2.5): the embedding then holds the *same* tensors as the head's
+    ``Linear8bitLt`` (``weight`` int8 [num_embeddings, embedding_dim], ``SCB`` float32 [num_embeddings]),
+    so no float copy of the table is kept and the tie stays a tie. A lookup dequantizes the rows it reads,
+    exactly as :func:`llm_int8.functional.dequantize_weight` does (``codes * (SCB / 127)`` in float32),
+    and returns them in ``dtype``, the model's float dtype.
+
+    Loading a float ``weight`` (an ``nn.Embedding`` state dict, a checkpoint tensor streaming in) quantizes
+    it; an int8 ``weight`` with its ``SCB`` is checked by :func:`saved_format.validate_int8_layer`.
+    Moving the module to another dtype (``.half()``) changes ``dtype``, never the codes or the scales.
+    bitsandbytes keeps embeddings (and the head) in float and has no counterpart to this module.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if num_embeddings < 0 or embedding_dim < 0:
+            raise ValueError(f"num_embeddings and embedding_dim must be >= 0, got {num_embeddings}, {embedding_dim}")
+        dtype = dtype or torch.float32
+        if not dtype.is_floating_point:
+            raise TypeError(f"Embedding8bit's dtype is the float dtype of its output, got {dtype}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        self.weight = nn.Parameter(
+            torch.zeros((num_embeddings, embedding_dim), dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.register_buffer("SCB", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def tied_to(cls, head: Linear8bitLt, embedding: nn.Embedding) -> "Embedding8bit":
+        """The int8 version of ``embedding`` (an ``nn.Embedding`` tied to ``head``'s float weight before
+        ``head`` was quantized) that holds ``head``'s own ``weight`` and ``SCB`` tensors."""
+        if not isinstance(head, Linear8bitLt):
+            raise TypeError(f"tied_to expects the quantized head, a Linear8bitLt, got {type(head).__name__}")
+        if (embedding.num_embeddings, embedding.embedding_dim) != (head.out_features, head.in_features):
+            raise ValueError(
+                f"the embedding ({embedding.num_embeddings} x {embedding.embedding_dim}) is not the head's transposed "
+                f"shape ({head.out_features} x {head.in_features}): they cannot share a weight"
+            )
+        if head.fp_cols is not None:
+            raise ValueError("a head with calibrated fp columns cannot share its int8 weight with an embedding")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta",
+                     dtype=embedding.weight.dtype)
+        module.weight = head.weight  # the same Parameter: the tie is kept (and counted once)
+        module.SCB = head.SCB
+        return module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Embedding8bit looks up integer token ids (int64 or int32), got {input_ids.dtype}")
+        codes = nn.functional.embedding(input_ids, self.weight)  # int8 [..., embedding_dim]
+        scale = nn.functional.embedding(input_ids, self.SCB.unsqueeze(1))  # float32 [..., 1]
+        # the same float32 arithmetic as F.dequantize_weight, so a row equals the dequantized head row
+        return (codes.float() * (scale / INT8_MAX)).to(self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float table [num_embeddings, embedding_dim] this module looks rows up in."""
+        return F.dequantize_weight(self.weight, self.SCB, dtype or self.dtype)
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, dtype={self.dtype}"
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) set the output dtype; the codes and float32 scales only follow device moves.
+        probe = fn(torch.empty(0, dtype=self.dtype))  # what fn does to a float tensor (on the CPU: never meta)
+        if probe.dtype.is_floating_point:
+            self.dtype = probe.dtype
+        scale = self._buffers["SCB"]
+        self._buffers["SCB"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(scale)
+            self._buffers["SCB"] = moved if moved.dtype == scale.dtype else scale.to(device=moved.device)
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        where = prefix[:-1] or "Embedding8bit"
+        weight, scale = state_dict.get(prefix + WEIGHT), state_dict.get(prefix + SCALE)
+        if strict:
+            unexpected_keys.extend(
+                key for key in state_dict
+                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in (WEIGHT, SCALE)
+            )
+        if weight is None:
+            missing_keys.append(prefix + WEIGHT)
+            return
+        shape = (self.num_embeddings, self.embedding_dim)
+        try:
+            if weight.is_floating_point():  # an nn.Embedding state dict or a float checkpoint tensor: quantize it
+                if scale is not None:
+                    raise ValueError(f"{where}: found a float weight together with {SCALE}; an int8 table stores int8 codes")
+                if tuple(weight.shape) != shape:
+                    raise ValueError(f"{where}: weight has shape {tuple(weight.shape)}, expected {list(shape)}")
+                weight, scale = F.quantize_weight(weight)
+            else:
+                if scale is None:
+                    missing_keys.append(prefix + SCALE)
+                    return
+                saved_format.validate_int8_layer({WEIGHT: weight, SCALE: scale}, where, shape=shape)
+        except (TypeError, ValueError) as err:
+            error_msgs.append(str(err))
+            return
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        with torch.no_grad():
+            if assign or self.weight.is_meta:
+                device = None if assign else self.weight.device
+                self.weight = nn.Parameter(weight.to(device) if device else weight, requires_grad=False)
+                self.SCB = scale.float().to(device) if device else scale.float()
+            else:
+                self.weight.copy_(weight)
+                self.SCB.copy_(scale)

@@ -57,7 +57,7 @@ from .. import functional as F
 from ..checkpoint import DAMAGED_FILE_REMEDY
 from ..nn import Linear8bitLt
 from ..saved_format import weight_format_tensor
-from .hf import LLMInt8Config, finish_int8_model, prepare_int8_model
+from .hf import LLMInt8Config, finish_int8_model, prepare_int8_model, tie_int8_head
 
 # Large tensors (embeddings, an untied head) are dequantized this many elements at a time (64 MiB of
 # float32), straight into their final storage: the gguf package's numpy dequantizers allocate several
@@ -127,6 +127,8 @@ def load_gguf(
     del tensors
 
     model.tie_weights()  # a tied head takes the loaded embedding
+    if quantizer is not None:
+        tie_int8_head(model)  # (quantize_head=True: and the int8 head the int8 embedding's scales)
     missing = [name for name in expected if name not in loaded]
     if missing:
         raise ValueError(

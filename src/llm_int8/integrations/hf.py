@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import weakref
 from types import SimpleNamespace
 
 if importlib.util.find_spec("transformers") is None:
@@ -47,8 +48,11 @@ from transformers.utils.quantization_config import BitsAndBytesConfig, Quantizat
 from .. import _memory, saved_format
 from .. import functional as F
 from ..checkpoint import read_safetensors_header
-from ..convert import Int8Config, QuantizeReport, default_skip_modules, is_convertible, memory_footprint, quantize_
-from ..nn import Linear8bitLt
+from ..convert import (
+    Int8Config, QuantizeReport, default_skip_modules, is_convertible, memory_footprint, output_head_name, quantize_,
+    share_tied_scales,
+)
+from ..nn import Embedding8bit, Linear8bitLt
 
 QUANT_METHOD = "llm_int8"
 # The loading hooks used here (HfQuantizer.get_quantize_ops, ConversionOps, per-key weight
@@ -79,6 +83,11 @@ class LLMInt8Config(QuantizationConfigMixin):
     threshold: the outlier threshold alpha (0 disables the decomposition; the paper uses 6.0).
     skip_modules: module names kept in float (matched as in :class:`llm_int8.Int8Config`). ``None``
         skips the output head and every layer whose weight is tied to an embedding.
+    quantize_head: also convert the output head, and turn an input embedding tied to it into an
+        ``Embedding8bit`` sharing the head's int8 weight (as :class:`llm_int8.Int8Config`). Default False:
+        the head stays float, as bitsandbytes keeps it. A model whose *untied* head is int8 saves as a
+        bitsandbytes 8-bit checkpoint like any other (bitsandbytes converts its head too); one whose
+        embedding is int8 cannot be saved (``save_pretrained`` raises, see ``docs/hf.md``).
 
     Saved, it declares itself in bitsandbytes' 8-bit format (see :meth:`to_dict`), whose tensors it
     shares, so that a process which has not imported llm_int8 loads the checkpoint correctly through
@@ -91,26 +100,29 @@ class LLMInt8Config(QuantizationConfigMixin):
     #: Version of the saved layout; 1: bitsandbytes' 8-bit fields plus SAVED_FIELD.
     SAVED_VERSION = 1
 
-    def __init__(self, threshold: float = 6.0, skip_modules: list[str] | None = None, **kwargs):
+    def __init__(
+        self, threshold: float = 6.0, skip_modules: list[str] | None = None, quantize_head: bool = False, **kwargs
+    ):
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
             raise ValueError(f"LLMInt8Config has quant_method '{QUANT_METHOD}', got {quant_method!r}")
         if kwargs:
             raise TypeError(
-                f"LLMInt8Config got unknown fields {sorted(kwargs)}; it takes threshold and skip_modules. "
+                f"LLMInt8Config got unknown fields {sorted(kwargs)}; it takes threshold, skip_modules and quantize_head. "
                 "For a bitsandbytes 8-bit config use LLMInt8Config.from_bitsandbytes(config)."
             )
         threshold = F._check_threshold(threshold, "LLMInt8Config.threshold")  # (the error names the class used)
-        core = Int8Config(threshold=threshold, skip_modules=skip_modules)  # validates both fields
+        core = Int8Config(threshold=threshold, skip_modules=skip_modules, quantize_head=quantize_head)  # validates
         self.quant_method = QUANT_METHOD
         self.threshold = core.threshold
         self.skip_modules = core.skip_modules
+        self.quantize_head = core.quantize_head
         # The float layers of the model this config quantized (set by the quantizer): written out as
         # bitsandbytes' skip list, so that bitsandbytes converts exactly the layers that hold int8 weights.
         self.unconverted_modules: list[str] | None = None
 
     def to_int8_config(self) -> Int8Config:
-        return Int8Config(threshold=self.threshold, skip_modules=self.skip_modules)
+        return Int8Config(threshold=self.threshold, skip_modules=self.skip_modules, quantize_head=self.quantize_head)
 
     def to_dict(self) -> dict:
         """The saved form: bitsandbytes' 8-bit config, plus a ``"llm_int8"`` field with ours.
@@ -121,6 +133,14 @@ class LLMInt8Config(QuantizationConfigMixin):
         it back here (:func:`_bitsandbytes_or_llm_int8`).
         """
         skip = self.unconverted_modules if self.unconverted_modules is not None else self.skip_modules
+        ours = {
+            "version": self.SAVED_VERSION,
+            "threshold": self.threshold,
+            "skip_modules": self.skip_modules,
+            "unconverted_modules": self.unconverted_modules,
+        }
+        if self.quantize_head:  # (written only when set, so default checkpoints read as they always did)
+            ours["quantize_head"] = True
         return {
             "quant_method": "bitsandbytes",
             "load_in_8bit": True,
@@ -129,19 +149,15 @@ class LLMInt8Config(QuantizationConfigMixin):
             "llm_int8_skip_modules": None if skip is None else list(skip),
             "llm_int8_has_fp16_weight": False,
             "llm_int8_enable_fp32_cpu_offload": False,
-            self.SAVED_FIELD: {
-                "version": self.SAVED_VERSION,
-                "threshold": self.threshold,
-                "skip_modules": self.skip_modules,
-                "unconverted_modules": self.unconverted_modules,
-            },
+            self.SAVED_FIELD: ours,
         }
 
     def __iter__(self):
         yield from self.to_dict().items()
 
     def __repr__(self):
-        return f"LLMInt8Config(threshold={self.threshold}, skip_modules={self.skip_modules})"
+        head = ", quantize_head=True" if self.quantize_head else ""
+        return f"LLMInt8Config(threshold={self.threshold}, skip_modules={self.skip_modules}{head})"
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
@@ -236,6 +252,13 @@ class _QuantizeWeightOnLoad(ConversionOps):
             weight_int8 = torch.zeros(value.shape, dtype=torch.int8, device=value.device)
             weight_absmax = torch.zeros(value.shape[0], dtype=torch.float32, device=value.device)
         weight_format = saved_format.weight_format_tensor(weight_int8.device)
+        quantized = {name: weight_int8, f"{module_name}.SCB": weight_absmax}
+        head = self.hf_quantizer.int8_embeddings.get(module_name)
+        if head is None:
+            quantized[f"{module_name}.weight_format"] = weight_format
+        else:  # an Embedding8bit (no weight_format) and its tied int8 head, which has no tensor of its own to load
+            quantized[f"{head}.SCB"] = weight_absmax
+            quantized[f"{head}.weight_format"] = weight_format
         if self.hf_quantizer.checkpoint_pages is not None:
             # The float weight is consumed: its pages of the mapped checkpoint shard are no longer needed,
             # nor the heap space of the temporaries its quantization freed.
@@ -243,11 +266,7 @@ class _QuantizeWeightOnLoad(ConversionOps):
             if source is not None and len(source) == 1:
                 self.hf_quantizer.checkpoint_bytes_released += self.hf_quantizer.checkpoint_pages.release_through(source[0])
             _memory.trim_heap()
-        return {
-            name: weight_int8,
-            f"{module_name}.SCB": weight_absmax,
-            f"{module_name}.weight_format": weight_format,
-        }
+        return quantized
 
 
 class _CheckpointPages:
@@ -412,6 +431,8 @@ class LLMInt8HfQuantizer(HfQuantizer):
         self.checkpoint_pages: _CheckpointPages | None = None
         self.checkpoint_bytes_released = 0
         self.refused: list[str] = []  # why weights could not be quantized (NaN/Inf), raised after loading
+        self.int8_embeddings: dict[str, str] = {}  # Embedding8bit name -> its int8 head (quantize_head=True)
+        self._model = None  # weakref to the model, for is_serializable
 
     def update_dtype(self, dtype):
         # Weights are cast to this dtype as they stream in, before we quantize them; the disk
@@ -435,7 +456,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, Linear8bitLt) and name == "weight"
+        return isinstance(module, (Linear8bitLt, Embedding8bit)) and name == "weight"
 
     def modules_to_not_convert(self, model) -> list[str]:
         """The config's skip list (default: the head and embedding-tied layers) plus fp32-pinned modules."""
@@ -444,6 +465,9 @@ class LLMInt8HfQuantizer(HfQuantizer):
             skip = default_skip_modules(model)
             if getattr(model, "all_tied_weights_keys", None) is not None:
                 skip += [name.removesuffix(".weight") for name in get_keys_to_not_convert(model)]
+            if self.quantization_config.quantize_head:  # the head converts (its tied embedding with it)
+                head = output_head_name(model)
+                skip = [name for name in skip if name != head]
         skip = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
         return sorted(set(skip))
 
@@ -455,8 +479,16 @@ class LLMInt8HfQuantizer(HfQuantizer):
         qc = self.quantization_config
         # A saved model names its float layers: exactly those stay float, whatever the defaults say today.
         skip = qc.unconverted_modules if self.pre_quantized and qc.unconverted_modules is not None else None
-        config = Int8Config(threshold=qc.threshold, skip_modules=skip if skip is not None else self.modules_to_not_convert(model))
+        if qc.quantize_head:
+            _tie_skeleton_head(model)
+        config = Int8Config(
+            threshold=qc.threshold, skip_modules=skip if skip is not None else self.modules_to_not_convert(model),
+            quantize_head=qc.quantize_head,
+        )
         self.report = quantize_(model, config)
+        head = output_head_name(model)
+        self.int8_embeddings = {name: head for name in self.report.int8_embeddings}
+        self._model = weakref.ref(model)
         qc.unconverted_modules = sorted(self.report.skipped)
         for module in model.modules():
             if isinstance(module, Linear8bitLt):
@@ -473,6 +505,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
         if self.refused:
             more = len(self.refused) - 1
             raise ValueError(self.refused[0] + (f" ({more} more weight(s) of this checkpoint likewise)" if more else ""))
+        tie_int8_head(model)
         if self.report is not None:
             self.report.bytes_after = memory_footprint(model)  # the loaded model itself, as every report counts it
         # What peft's prepare_model_for_kbit_training (gradient checkpointing, input grads) and the
@@ -528,7 +561,18 @@ class LLMInt8HfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return _QuantizeWeightOnLoad(self)
 
-    def is_serializable(self) -> bool:
+    def is_serializable(self, *args, **kwargs) -> bool:
+        model = self._model() if self._model is not None else None
+        if self.int8_embeddings and not getattr(model, "_hf_peft_config_loaded", False):
+            # Raised here, before save_pretrained writes anything. bitsandbytes has no int8 embedding: a file
+            # holding one would load there as int8 codes read into a float table, so none is written.
+            raise ValueError(
+                f"this model's input embedding ({', '.join(sorted(self.int8_embeddings))}) is int8, sharing the "
+                "output head's codes (LLMInt8Config(quantize_head=True) on a model with tied embeddings), and "
+                "save_pretrained cannot write it: its checkpoints are bitsandbytes 8-bit checkpoints, which keep "
+                "embeddings in float. Save the float model, or quantize with quantize_head=False, and apply "
+                "quantize_head=True again when loading (loading quantizes the head and embedding as it streams in)"
+            )
         return True
 
     @property
@@ -539,6 +583,12 @@ class LLMInt8HfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """Replace every ``Linear8bitLt`` by an ``nn.Linear`` holding its dequantized weight."""
         targets = [name for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
+        tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, Embedding8bit)}
+        for name in [name for name, m in model.named_modules() if isinstance(m, Embedding8bit)]:
+            module = model.get_submodule(name)
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+            embedding.weight = nn.Parameter(module.dequantize(dtype or module.dtype), requires_grad=False)
+            model.set_submodule(name, embedding)
         for name in targets:
             module = model.get_submodule(name)
             weight = module.dequantize(dtype or torch.float32)
@@ -546,6 +596,8 @@ class LLMInt8HfQuantizer(HfQuantizer):
             linear.weight = nn.Parameter(weight, requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
+            if id(module.weight) in tables:  # an int8 head tied to an int8 embedding: tied again, in float
+                linear.weight = model.get_submodule(tables[id(module.weight)]).weight
             model.set_submodule(name, linear)
         return model
 
@@ -588,6 +640,33 @@ def quantize_model(model, config: LLMInt8Config | None = None) -> QuantizeReport
     quantizer = prepare_int8_model(model, config)
     finish_int8_model(model, quantizer)
     return quantizer.report
+
+
+def _tie_skeleton_head(model) -> None:
+    """Tie the head of a model skeleton to its embedding as transformers will after loading
+    (``all_tied_weights_keys``: ``{"lm_head.weight": "model.embed_tokens.weight"}``), so that ``quantize_``
+    sees the tie and gives the embedding the int8 head's own tensors (``Embedding8bit``)."""
+    head = output_head_name(model)
+    source = (getattr(model, "all_tied_weights_keys", None) or {}).get(f"{head}.weight")
+    if head is None or source is None:
+        return
+    owner, _, leaf = source.rpartition(".")
+    module = model.get_submodule(owner)
+    if isinstance(module, nn.Embedding) and leaf == "weight":
+        model.get_submodule(head).weight = module.weight
+
+
+def tie_int8_head(model) -> None:
+    """After a loader tied the weights (``tie_weights``): each int8 head whose ``weight`` is an
+    ``Embedding8bit``'s takes that embedding's ``SCB`` too, and an int8 embedding left without its head is
+    an error (the head would otherwise multiply by codes the embedding no longer shares)."""
+    tied = {embedding for _, embedding in share_tied_scales(model)}
+    untied = [name for name, m in model.named_modules() if isinstance(m, Embedding8bit) and name not in tied]
+    if untied:
+        raise RuntimeError(
+            f"the int8 embedding {', '.join(untied)} is no longer tied to the int8 output head after loading; "
+            "this is a bug of llm_int8 (please report it); load with quantize_head=False meanwhile"
+        )
 
 
 def prepare_int8_model(model, config: LLMInt8Config) -> LLMInt8HfQuantizer:
