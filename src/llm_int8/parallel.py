@@ -1,0 +1,156 @@
+"""LLM.int8() models over ``torch.distributed``: data-parallel adapters, tensor-parallel int8 layers.
+
+Both work with any process-group backend (gloo for processes on CPUs, NCCL for GPUs): the code
+below calls ``torch.distributed`` collectives only, never a backend by name.
+
+**Data parallel** (:func:`keep_frozen_local`): ``DistributedDataParallel`` broadcasts every
+parameter and buffer of rank 0 when it is built and, by default, every buffer again before each
+forward. Under an adapter (LoRA) the int8 weights and their scales never change and every rank
+loaded the same checkpoint, so this is all wasted traffic (the int8 weights of a 7B model are
+7 GB). :func:`keep_frozen_local` names the frozen parameters and the int8 layers' buffers to DDP as
+ignored, so that only the trainable parameters (the adapter) take part in synchronisation, and
+first checks that every rank holds the same frozen state (a fingerprint of each tensor, gathered
+from all ranks) and the same thresholds: what the broadcast would have guaranteed is verified.
+
+**Tensor parallel** (:class:`Int8ColwiseParallel`, :class:`Int8RowwiseParallel`,
+:func:`tensor_parallel`): ``ParallelStyle``\\ s for ``torch.distributed.tensor.parallel`` that
+shard a ``Linear8bitLt`` in place.
+
+* column-parallel: rank r keeps the output rows ``[r N/W, (r+1) N/W)`` of the int8 weight with
+  their ``SCB`` entries and bias (row-wise scales shard with their rows: the codes and scales
+  are those of the whole layer); the input is replicated, the output is the local slice of the
+  output features.
+* row-parallel: rank r keeps the input columns ``[r K/W, (r+1) K/W)`` of the int8 weight and the
+  whole ``SCB`` (each row's absmax over all K columns: again the whole layer's codes); the input
+  is the local slice of x's features. Each rank quantizes its own slice of x with its own per-row
+  absmax and decomposes its own outlier columns (the outlier test is per column, so the union over
+  ranks is the single-process set), and the partial outputs are summed with an all-reduce; the
+  bias is added once, after the sum.
+
+The shards are plain local tensors in the module (the int8 custom op has no DTensor sharding
+rule); the styles use the device mesh for the rank, the size and the process group.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .nn import Linear8bitLt
+from .saved_format import FP_COLS, FP_WEIGHT
+
+#: Elements fingerprinted per chunk (bounds the int64 temporaries).
+_FINGERPRINT_CHUNK = 1 << 20
+#: Weights of the position-dependent fingerprint sum: i mod this prime, plus one.
+_FINGERPRINT_PRIME = 65521
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ------------------------------------------------------------------------------------------------
+# Data parallel
+
+
+def _int8_layers(model: nn.Module) -> list[tuple[str, Linear8bitLt]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
+
+
+def frozen_state_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of what DDP need not synchronise in ``model``: every parameter that does
+    not require a gradient, and every buffer of a ``Linear8bitLt`` (``SCB``, ``weight_format``, the
+    calibrated ``fp_cols`` / ``fp_weight``). Other buffers keep DDP's usual treatment."""
+    names = [name for name, p in model.named_parameters() if not p.requires_grad]
+    for prefix, layer in _int8_layers(model):
+        names += [f"{prefix}.{name}" if prefix else name for name, _ in layer.named_buffers(recurse=False)]
+    return names
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
+    """Two int64 sums of ``tensor``'s bit patterns (plain, and weighted by position mod a prime):
+    equal tensors give equal pairs; a changed element or a permutation changes them (but for
+    collisions of probability ~2^-64 per tensor for unrelated data)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.is_floating_point() or flat.is_complex():
+        flat = flat.contiguous().view(_INT_VIEW[flat.element_size()])
+    plain = weighted = 0
+    for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+        bits = flat[start : start + _FINGERPRINT_CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=bits.device)
+        weights = weights.remainder_(_FINGERPRINT_PRIME).add_(1)
+        plain += int(bits.sum())
+        weighted += int((bits * weights).sum())
+    wrap = lambda v: (v + 2**63) % 2**64 - 2**63  # noqa: E731  (Python ints to int64)
+    return wrap(plain), wrap(weighted)
+
+
+def _check_same_on_all_ranks(model: nn.Module, names: list[str], group=None) -> None:
+    """Raise on every rank if any rank's tensors ``names`` or int8 thresholds differ from rank 0's."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    rows = []
+    for name in names:
+        t = tensors[name]
+        rows.append([*_fingerprint(t), t.numel(), zlib.crc32(str(t.dtype).encode())])
+    layers = _int8_layers(model)
+    thresholds = [layer.threshold for _, layer in layers]
+    local = torch.tensor(rows + [[0, 0, 0, 0]], dtype=torch.int64)  # a row at the end: never empty
+    local_thresholds = torch.tensor(thresholds + [0.0], dtype=torch.float64)
+    world = dist.get_world_size(group)
+    # the counts first: a rank with another model must get this error, not a shape error in all_gather
+    count = torch.tensor([len(names), len(thresholds)], dtype=torch.int64)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    if any(not torch.equal(c, counts[0]) for c in counts):
+        per_rank = ", ".join(f"rank {r}: {int(c[0])} frozen tensors, {int(c[1])} int8 layers" for r, c in enumerate(counts))
+        raise RuntimeError(
+            f"the ranks hold different models ({per_rank}): every rank must load the same checkpoint with the same "
+            "quantization config before training data-parallel"
+        )
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    gathered_thresholds = [torch.empty_like(local_thresholds) for _ in range(world)]
+    dist.all_gather(gathered_thresholds, local_thresholds, group=group)
+    for rank in range(1, world):
+        differs = (gathered[rank][:-1] != gathered[0][:-1]).any(dim=1).nonzero().flatten().tolist()
+        if differs:
+            shown = ", ".join(names[i] for i in differs[:3]) + (f" and {len(differs) - 3} more" if len(differs) > 3 else "")
+            raise RuntimeError(
+                f"rank {rank}'s frozen weights differ from rank 0's ({len(differs)} tensors: {shown}); data-parallel "
+                "training does not broadcast them, so every rank must load the same checkpoint (same files, same "
+                "quantization config)"
+            )
+        mismatch = (gathered_thresholds[rank][:-1] != gathered_thresholds[0][:-1]).nonzero().flatten().tolist()
+        if mismatch:
+            i = mismatch[0]
+            raise RuntimeError(
+                f"rank {rank} quantizes with threshold {float(gathered_thresholds[rank][i])} where rank 0 uses "
+                f"{float(gathered_thresholds[0][i])} (layer {layers[i][0]}): pass the same threshold on every rank"
+            )
+
+
+def keep_frozen_local(model: nn.Module, group=None, check: bool = True) -> list[str]:
+    """Tell ``DistributedDataParallel`` to synchronise only the trainable parameters of ``model``.
+
+    Call it on the model DDP will wrap (for the transformers ``Trainer``: the peft model, after
+    ``get_peft_model``), before DDP is built. It sets the names returned by
+    :func:`frozen_state_names` as ``model._ddp_params_and_buffers_to_ignore`` (DDP's documented
+    hook, ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``): these tensors
+    are then neither broadcast at construction nor before each forward, and none of them is in the
+    gradient all-reduce (that takes only parameters that require a gradient anyway).
+
+    With ``check`` and an initialized process group, first verifies that every rank holds the same
+    frozen tensors and thresholds (one all-gather of a fingerprint per tensor), raising on every
+    rank otherwise. Returns the ignored names.
+    """
+    names = frozen_state_names(model)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "the model has no trainable parameter: data-parallel training of an int8 model trains adapters; "
+            "add them first (e.g. peft.get_peft_model with a LoraConfig)"
+        )
+    if check and dist.is_available() and dist.is_initialized():
+        _check_same_on_all_ranks(model, names, group)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
