@@ -112,3 +112,101 @@ def test_ddp_lora_equals_one_process_and_syncs_only_the_adapter(tiny_checkpoint,
         assert probe["broadcast_bytes"] < probe["model_state_bytes"] / 10
         # the gradient all-reduce carries each adapter gradient once per optimizer step
         assert probe["allreduce_bytes"] == 3 * probe["trainable_param_bytes"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor parallel (tests/tp_worker.py: every check runs in one torchrun launch, 2 processes)
+
+
+@pytest.fixture(scope="module")
+def tp_results(tiny_checkpoint, tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("tp")
+    torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, folder / "rank{rank}.json", cwd=folder)
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_tp_layers_shard_codes_and_scales(tp_results):
+    """Column-parallel: weight rows with their SCB entries, outputs bit-identical to the whole layer.
+    Row-parallel: weight columns with the whole SCB; each rank quantizes its own x slice, so the sum
+    differs from the whole layer, but never by more than the derived half-step bound (tp_worker.py)."""
+    for out in tp_results:
+        assert out["colwise_equal"] and out["colwise_scb_is_slice"]
+        assert out["rowwise_codes_are_slice"] and out["rowwise_scb_whole"]
+        assert out["rowwise_within_bound"] and out["rowwise_differs"]
+
+
+def test_tp_model_logits_perplexity_and_bytes(tp_results):
+    """The tiny Llama split over 2 ranks (q/k/v/gate/up column-, o/down row-parallel).
+
+    Logits bound: call A the one-process int8 model, B the split one, C the same int8 weights with x
+    not quantized. A and B differ only in how x is rounded before the row-parallel matmuls, and B's
+    rounding steps (shard absmax / 127) are never larger than A's (row absmax / 127), so
+    |B - A| <= |B - C| + |A - C| <= ~2 |A - C| (relative Frobenius norm of the logits).
+    Perplexity: within the standard error of the mean per-token NLL of the windows.
+    """
+    for out in tp_results:
+        assert out["sharded_layers"] == 7 * 2
+        assert out["bytes_after"] * 2 == out["bytes_before"]  # each rank holds half the int8 weight bytes
+        assert out["scb_bytes_after"] < out["scb_bytes_before"]
+        assert 0 < out["rel_tp_vs_one"] <= 2 * out["rel_one_vs_weight_only"]
+        assert abs(out["nll_tp"] - out["nll_one"]) <= out["nll_std_error"]
+        assert out["logits_tp_equal_on_ranks"]
+
+
+def test_tp_bad_setups_fail_loudly_on_every_rank(tp_results):
+    for out in tp_results:
+        assert "out_features = 5 is not divisible by the tensor-parallel world size 2" in out["indivisible"]
+        assert out["not_int8"].startswith("TypeError: rowwise shards a Linear8bitLt, got Linear")
+        assert "already sharded" in out["twice"]
+        assert "rank 1 quantizes with threshold 4.0 where rank 0 uses 3.0 (layer model.layers.0.mlp.up_proj)" in \
+            out["threshold_mismatch"]
+        assert "rank 1's weights differ from rank 0's (1 tensors: model.layers.1.self_attn.k_proj.weight)" in \
+            out["weights_mismatch"]
+        assert "rank 1 quantizes with threshold 4.0" in out["ddp_threshold_mismatch"]
+        assert "3 attention heads and 3 key/value heads, which 2 ranks cannot split evenly" in out["heads"]
+        assert out["mlp_only_plan_keys"] == [f"model.layers.*.mlp.{p}_proj" for p in ("down", "gate", "up")]
+
+
+# ------------------------------------------------------------------------------------------------
+# In one process (a gloo group of 1): what keep_frozen_local changes in DDP
+
+
+@pytest.fixture
+def single_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _lora_like_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(llm_int8.Linear8bitLt.from_weight(torch.randn(16, 8), torch.randn(16)), nn.Linear(16, 4))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def test_keep_frozen_local_takes_int8_state_out_of_ddp(single_process_group, monkeypatch):
+    broadcast = []
+    real = dist._broadcast_coalesced
+    monkeypatch.setattr(dist, "_broadcast_coalesced", lambda group, tensors, *a: (broadcast.extend(tensors), real(group, tensors, *a))[1])
+    DDP = torch.nn.parallel.DistributedDataParallel
+
+    plain = _lora_like_model()
+    DDP(plain)
+    assert any(t.dtype == torch.int8 for t in broadcast)  # by default DDP broadcasts the int8 weight
+
+    broadcast.clear()
+    model = _lora_like_model()
+    names = keep_frozen_local(model)
+    assert names == frozen_state_names(model) == ["0.weight", "0.bias", "0.SCB", "0.weight_format"]
+    ddp = DDP(model)
+    assert not any(t.dtype == torch.int8 or t.dtype == torch.uint8 for t in broadcast)
+    assert sum(t.numel() for t in broadcast) == 16 * 4 + 4  # the trainable Linear only
+    ddp(torch.randn(3, 8)).sum().backward()
+    assert model[1].weight.grad is not None and model[0].weight.grad is None
+
+
+def test_keep_frozen_local_refuses_a_model_without_trainable_parameters():
+    model = _lora_like_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter.*get_peft_model"):
+        keep_frozen_local(model)

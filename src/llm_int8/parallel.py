@@ -38,6 +38,7 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from .nn import Linear8bitLt
 from .saved_format import FP_COLS, FP_WEIGHT
@@ -85,8 +86,9 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
     return wrap(plain), wrap(weighted)
 
 
-def _check_same_on_all_ranks(model: nn.Module, names: list[str], group=None) -> None:
-    """Raise on every rank if any rank's tensors ``names`` or int8 thresholds differ from rank 0's."""
+def _check_same_on_all_ranks(model: nn.Module, names: list[str], group=None, why: str = "") -> None:
+    """Raise on every rank if any rank's tensors ``names`` or int8 thresholds differ from rank 0's
+    (``why``: what depends on them being equal, for the message)."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     rows = []
@@ -117,9 +119,8 @@ def _check_same_on_all_ranks(model: nn.Module, names: list[str], group=None) -> 
         if differs:
             shown = ", ".join(names[i] for i in differs[:3]) + (f" and {len(differs) - 3} more" if len(differs) > 3 else "")
             raise RuntimeError(
-                f"rank {rank}'s frozen weights differ from rank 0's ({len(differs)} tensors: {shown}); data-parallel "
-                "training does not broadcast them, so every rank must load the same checkpoint (same files, same "
-                "quantization config)"
+                f"rank {rank}'s weights differ from rank 0's ({len(differs)} tensors: {shown}); {why}, so every rank "
+                "must load the same checkpoint (same files, same quantization config)"
             )
         mismatch = (gathered_thresholds[rank][:-1] != gathered_thresholds[0][:-1]).nonzero().flatten().tolist()
         if mismatch:
@@ -151,6 +152,165 @@ def keep_frozen_local(model: nn.Module, group=None, check: bool = True) -> list[
             "add them first (e.g. peft.get_peft_model with a LoraConfig)"
         )
     if check and dist.is_available() and dist.is_initialized():
-        _check_same_on_all_ranks(model, names, group)
+        _check_same_on_all_ranks(model, names, group, "data-parallel training does not broadcast the frozen weights")
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor parallel
+
+COLWISE = "colwise"
+ROWWISE = "rowwise"
+
+
+def _shard_bounds(size: int, mesh, what: str, where: str) -> tuple[int, int]:
+    world, rank = mesh.size(), mesh.get_local_rank()
+    if size % world:
+        raise ValueError(
+            f"{where}: {what} = {size} is not divisible by the tensor-parallel world size {world}; run with a world "
+            f"size that divides it, or leave this layer out of the plan (it is then replicated)"
+        )
+    step = size // world
+    return rank * step, (rank + 1) * step
+
+
+def _check_int8(module: nn.Module, style: str) -> Linear8bitLt:
+    if not isinstance(module, Linear8bitLt):
+        raise TypeError(
+            f"{style} shards a Linear8bitLt, got {type(module).__name__}: quantize the model first "
+            "(llm_int8.quantize_ or from_pretrained(..., quantization_config=LLMInt8Config())), or use torch's own "
+            "ColwiseParallel / RowwiseParallel for float layers"
+        )
+    if getattr(module, "tp_style", None) is not None:
+        raise ValueError(f"this Linear8bitLt is already sharded ({module.tp_style}); shard each model once")
+    return module
+
+
+class Int8ColwiseParallel(ParallelStyle):
+    """Shard a ``Linear8bitLt`` by output features: rank r keeps weight rows, ``SCB`` entries, bias
+    entries and calibrated fp-weight rows ``[r N/W, (r+1) N/W)``. Input: the whole x (replicated);
+    output: this rank's slice of the output features. The codes and scales are those of the whole
+    layer, so each output element is computed exactly as on one process."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        layer = _check_int8(module, COLWISE)
+        lo, hi = _shard_bounds(layer.out_features, device_mesh, "out_features", f"{COLWISE} {layer.extra_repr()}")
+        with torch.no_grad():
+            layer.weight = nn.Parameter(layer.weight[lo:hi].clone(), requires_grad=False)
+            layer.SCB = layer.SCB[lo:hi].clone()
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias[lo:hi].clone(), requires_grad=layer.bias.requires_grad)
+            if layer.fp_weight is not None:
+                layer.fp_weight = layer.fp_weight[lo:hi].clone()
+        layer.out_features = hi - lo
+        layer._bound = None
+        layer.tp_style = f"{COLWISE} rows [{lo}, {hi}) of {device_mesh.size() * (hi - lo)}"
+        return layer
+
+
+class Int8RowwiseParallel(ParallelStyle):
+    """Shard a ``Linear8bitLt`` by input features: rank r keeps weight columns ``[r K/W, (r+1) K/W)``
+    and the whole ``SCB`` (row absmax over all K: the whole layer's codes); calibrated fp columns
+    in its range move along, re-indexed. Input: this rank's slice of x's features (what a
+    column-parallel layer before it produced); each rank quantizes it with its own per-row absmax
+    and decomposes its own outlier columns. Output: the partial products summed over the ranks by
+    an all-reduce (autograd-aware, ``torch.distributed.nn.functional.all_reduce``), then the bias,
+    which only rank 0 keeps, so that it is added once."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        layer = _check_int8(module, ROWWISE)
+        lo, hi = _shard_bounds(layer.in_features, device_mesh, "in_features", f"{ROWWISE} {layer.extra_repr()}")
+        with torch.no_grad():
+            layer.weight = nn.Parameter(layer.weight[:, lo:hi].clone(), requires_grad=False)
+            if layer.fp_cols is not None:
+                keep = (layer.fp_cols >= lo) & (layer.fp_cols < hi)
+                fp_cols, fp_weight = layer.fp_cols[keep] - lo, layer.fp_weight[:, keep].clone()
+                layer.fp_cols, layer.fp_weight = (fp_cols, fp_weight) if fp_cols.numel() else (None, None)
+            if layer.bias is not None and device_mesh.get_local_rank() != 0:
+                layer.bias = None
+        layer.in_features = hi - lo
+        layer._bound = None
+        layer.tp_style = f"{ROWWISE} columns [{lo}, {hi}) of {device_mesh.size() * (hi - lo)}"
+        group = device_mesh.get_group()
+        layer.register_forward_hook(lambda _module, _args, partial: _sum_over_ranks(partial, group))
+        return layer
+
+
+def _sum_over_ranks(partial: torch.Tensor, group) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+
+
+def default_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """The transformers tensor-parallel plan of ``model`` (``config.base_model_tp_plan``, e.g. Llama's
+    q/k/v/gate/up column-parallel, o/down row-parallel) as int8 styles, keyed by module path
+    patterns from the model's root. Entries that are not "colwise" / "rowwise" are left out (those
+    modules stay whole on every rank)."""
+    config = getattr(model, "config", None)
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no config.base_model_tp_plan: pass plan={{module pattern: "
+            "Int8ColwiseParallel() or Int8RowwiseParallel()}"
+        )
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix):
+        prefix += "."
+    else:
+        prefix = ""
+    styles = {COLWISE: Int8ColwiseParallel, ROWWISE: Int8RowwiseParallel}
+    return {prefix + key: styles[value]() for key, value in plan.items() if value in styles}
+
+
+def _check_heads(model: nn.Module, plan: dict, world: int) -> None:
+    """Attention projections split by output features must split whole heads (and whole KV heads)."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None or not any("attn" in key for key in plan):
+        return
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % world or kv_heads % world:
+        raise ValueError(
+            f"the model has {heads} attention heads and {kv_heads} key/value heads, which {world} ranks cannot split "
+            f"evenly: use a world size that divides both, or a plan without the attention projections (e.g. "
+            f"{{k: v for k, v in default_plan(model).items() if 'mlp' in k}}: the MLP sharded, attention replicated)"
+        )
+
+
+def tensor_parallel(model: nn.Module, device_mesh=None, plan: dict | None = None, check: bool = True) -> nn.Module:
+    """Shard ``model``'s int8 layers over the ranks of ``device_mesh`` (default: all ranks, one
+    dimension, on the device type of the model's weights) in place, and return it.
+
+    Every rank calls it on the same int8 model (each loaded the checkpoint). ``plan`` maps module
+    path patterns (``fnmatch``, as ``parallelize_module``) to :class:`Int8ColwiseParallel` /
+    :class:`Int8RowwiseParallel`; default :func:`default_plan`. With ``check``, first verifies that
+    all ranks hold the same int8 weights, scales and thresholds (raising on every rank otherwise).
+    Layers outside the plan, embeddings, norms and the head stay whole on every rank.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "tensor_parallel needs an initialized process group: start the processes with torchrun "
+            "(torchrun --nproc-per-node 2 script.py) and call torch.distributed.init_process_group() first"
+        )
+    if device_mesh is None:
+        device_type = next(model.parameters()).device.type
+        device_mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    plan = default_plan(model) if plan is None else plan
+    _check_heads(model, plan, device_mesh.size())
+    if check:
+        names = [f"{prefix}.{leaf}" for prefix, layer in _int8_layers(model)
+                 for leaf, _ in layer.named_parameters(recurse=False)] + \
+                [f"{prefix}.{leaf}" for prefix, layer in _int8_layers(model)
+                 for leaf, _ in layer.named_buffers(recurse=False)]
+        _check_same_on_all_ranks(model, names, device_mesh.get_group(), "each rank keeps its shard of the same layers")
+    return parallelize_module(model, device_mesh, plan)
+
+
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the int8 weights of ``model``'s ``Linear8bitLt`` layers on this rank."""
+    return sum(layer.weight.numel() * layer.weight.element_size() for _, layer in _int8_layers(model))
