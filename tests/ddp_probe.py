@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 import llm_int8.parallel
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora.py"
-counts = {"broadcast_bytes": 0, "frozen_broadcast_bytes": 0, "broadcast_calls": 0, "allreduce_bytes": 0, "allreduce_calls": 0}
+counts = {"adapter_saves": 0, "broadcast_bytes": 0, "frozen_broadcast_bytes": 0, "broadcast_calls": 0, "allreduce_bytes": 0, "allreduce_calls": 0}
 frozen_ptrs: set[int] = set()  # storage of the frozen tensors (llm_int8.parallel.frozen_state_names)
 
 
@@ -65,6 +65,7 @@ def ddp_init(self, module, *args, **kwargs):
     counts["synced_param_bytes"] = _nbytes([p for _, p in synced])
     counts["trainable_param_bytes"] = _nbytes([p for p in module.parameters() if p.requires_grad])
     counts["model_state_bytes"] = _nbytes(list(module.state_dict(keep_vars=True).values()))
+    counts["other_buffer_bytes"] = _nbytes([b for n, b in module.named_buffers() if n not in self.parameters_to_ignore])
 
 
 def main():
@@ -76,7 +77,7 @@ def main():
     save_pretrained = PeftModel.save_pretrained
 
     def counting_save(self, *args, **kwargs):
-        counts["adapter_saves"] = counts.get("adapter_saves", 0) + 1
+        counts["adapter_saves"] += 1
         return save_pretrained(self, *args, **kwargs)
 
     PeftModel.save_pretrained = counting_save

@@ -86,9 +86,10 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
     return wrap(plain), wrap(weighted)
 
 
-def _check_same_on_all_ranks(model: nn.Module, names: list[str], group=None, why: str = "") -> None:
+def _check_same_on_all_ranks(model: nn.Module, names: list[str], group, device, why: str) -> None:
     """Raise on every rank if any rank's tensors ``names`` or int8 thresholds differ from rank 0's
-    (``why``: what depends on them being equal, for the message)."""
+    (``why``: what depends on them being equal, for the message). The gathered fingerprints live on
+    ``device`` (CUDA for NCCL, which gathers nothing else)."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     rows = []
@@ -97,11 +98,11 @@ def _check_same_on_all_ranks(model: nn.Module, names: list[str], group=None, why
         rows.append([*_fingerprint(t), t.numel(), zlib.crc32(str(t.dtype).encode())])
     layers = _int8_layers(model)
     thresholds = [layer.threshold for _, layer in layers]
-    local = torch.tensor(rows + [[0, 0, 0, 0]], dtype=torch.int64)  # a row at the end: never empty
-    local_thresholds = torch.tensor(thresholds + [0.0], dtype=torch.float64)
+    local = torch.tensor(rows + [[0, 0, 0, 0]], dtype=torch.int64, device=device)  # a row at the end: never empty
+    local_thresholds = torch.tensor(thresholds + [0.0], dtype=torch.float64, device=device)
     world = dist.get_world_size(group)
     # the counts first: a rank with another model must get this error, not a shape error in all_gather
-    count = torch.tensor([len(names), len(thresholds)], dtype=torch.int64)
+    count = torch.tensor([len(names), len(thresholds)], dtype=torch.int64, device=device)
     counts = [torch.empty_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     if any(not torch.equal(c, counts[0]) for c in counts):
@@ -152,7 +153,8 @@ def keep_frozen_local(model: nn.Module, group=None, check: bool = True) -> list[
             "add them first (e.g. peft.get_peft_model with a LoraConfig)"
         )
     if check and dist.is_available() and dist.is_initialized():
-        _check_same_on_all_ranks(model, names, group, "data-parallel training does not broadcast the frozen weights")
+        device = next(model.parameters()).device
+        _check_same_on_all_ranks(model, names, group, device, "data-parallel training does not broadcast the frozen weights")
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
 
@@ -283,6 +285,9 @@ def tensor_parallel(model: nn.Module, device_mesh=None, plan: dict | None = None
     """Shard ``model``'s int8 layers over the ranks of ``device_mesh`` (default: all ranks, one
     dimension, on the device type of the model's weights) in place, and return it.
 
+    The model may sit on the CPU while a CUDA mesh shards it: each rank then moves only its shards
+    to its GPU (``model.to(f"cuda:{local_rank}")``) and the GPU never holds the whole model.
+
     Every rank calls it on the same int8 model (each loaded the checkpoint). ``plan`` maps module
     path patterns (``fnmatch``, as ``parallelize_module``) to :class:`Int8ColwiseParallel` /
     :class:`Int8RowwiseParallel`; default :func:`default_plan`. With ``check``, first verifies that
@@ -307,7 +312,8 @@ def tensor_parallel(model: nn.Module, device_mesh=None, plan: dict | None = None
                  for leaf, _ in layer.named_parameters(recurse=False)] + \
                 [f"{prefix}.{leaf}" for prefix, layer in _int8_layers(model)
                  for leaf, _ in layer.named_buffers(recurse=False)]
-        _check_same_on_all_ranks(model, names, device_mesh.get_group(), "each rank keeps its shard of the same layers")
+        _check_same_on_all_ranks(model, names, device_mesh.get_group(), device_mesh.device_type,
+                                 "each rank keeps its shard of the same layers")
     return parallelize_module(model, device_mesh, plan)
 
 
