@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from llm_int8 import Linear8bitLt
-from llm_int8 import functional as F
 from llm_int8.parallel import (
     Int8ColwiseParallel,
     Int8RowwiseParallel,

@@ -41,7 +41,6 @@ from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .nn import Linear8bitLt
-from .saved_format import FP_COLS, FP_WEIGHT
 
 #: Elements fingerprinted per chunk (bounds the int64 temporaries).
 _FINGERPRINT_CHUNK = 1 << 20
@@ -106,10 +105,10 @@ def _check_same_on_all_ranks(model: nn.Module, names: list[str], group, device, 
     counts = [torch.empty_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     if any(not torch.equal(c, counts[0]) for c in counts):
-        per_rank = ", ".join(f"rank {r}: {int(c[0])} frozen tensors, {int(c[1])} int8 layers" for r, c in enumerate(counts))
+        per_rank = ", ".join(f"rank {r}: {int(c[0])} tensors, {int(c[1])} int8 layers" for r, c in enumerate(counts))
         raise RuntimeError(
-            f"the ranks hold different models ({per_rank}): every rank must load the same checkpoint with the same "
-            "quantization config before training data-parallel"
+            f"the ranks hold different models ({per_rank}); {why}, so every rank must load the same checkpoint "
+            "with the same quantization config"
         )
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
