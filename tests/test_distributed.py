@@ -134,9 +134,11 @@ def test_tp_layers_shard_codes_and_scales(tp_results):
     Row-parallel: weight columns with the whole SCB; each rank quantizes its own x slice, so the sum
     differs from the whole layer, but never by more than the derived half-step bound (tp_worker.py)."""
     for out in tp_results:
-        assert out["colwise_equal"] and out["colwise_scb_is_slice"]
-        assert out["rowwise_codes_are_slice"] and out["rowwise_scb_whole"]
-        assert out["rowwise_within_bound"] and out["rowwise_differs"]
+        for fp in ("", "_fp"):  # without and with calibrated fp columns (in both halves of K)
+            assert out["colwise_equal" + fp] and out["colwise_scb_is_slice" + fp]
+            assert out["rowwise_codes_are_slice" + fp] and out["rowwise_scb_whole" + fp]
+            assert out["rowwise_within_bound" + fp] and out["rowwise_differs" + fp]
+        assert out["rowwise_fp_cols_local"]
 
 
 def test_tp_model_logits_perplexity_and_bytes(tp_results):

@@ -45,15 +45,22 @@ def _mesh():
     return init_device_mesh("cpu", (dist.get_world_size(),))
 
 
-def layer_checks(out: dict) -> None:
-    """One Linear8bitLt (96 x 128, x with outlier columns) sharded each way, against the whole layer."""
+def layer_checks(out: dict, calibrated: bool) -> None:
+    """One Linear8bitLt (96 x 128, x with outlier columns; ``calibrated``: with fp columns too) sharded
+    each way, against the whole layer. Results go under keys suffixed ``_fp`` when calibrated."""
     from torch.distributed.tensor.parallel import parallelize_module
 
+    key = (lambda name: name + "_fp") if calibrated else (lambda name: name)
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen)
     x = torch.randn(5, 128, generator=gen)
     x[:, [3, 70, 100]] *= 20  # outlier columns in both halves of K
     full = Linear8bitLt.from_weight(weight, bias, threshold=THRESHOLD)
+    float_cols = (x.abs() >= THRESHOLD).any(dim=0)
+    if calibrated:
+        fp_cols = torch.tensor([5, 64, 127])  # calibrated columns in both halves, one on the boundary
+        full.set_fp_columns(fp_cols, weight)
+        float_cols[fp_cols] = True
     with torch.no_grad():
         y_full = full(x)
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -61,29 +68,34 @@ def layer_checks(out: dict) -> None:
         col = parallelize_module(copy.deepcopy(full), _mesh(), Int8ColwiseParallel())
         parts = [torch.empty(5, 96 // world) for _ in range(world)]
         dist.all_gather(parts, col(x).contiguous())
-        out["colwise_equal"] = torch.equal(torch.cat(parts, dim=1), y_full)
-        out["colwise_scb_is_slice"] = torch.equal(col.SCB, full.SCB[rank * 48 : (rank + 1) * 48])
+        out[key("colwise_equal")] = torch.equal(torch.cat(parts, dim=1), y_full)
+        out[key("colwise_scb_is_slice")] = torch.equal(col.SCB, full.SCB[rank * 48 : (rank + 1) * 48])
 
         row = parallelize_module(copy.deepcopy(full), _mesh(), Int8RowwiseParallel())
         k = 128 // world
         y_row = row(x[:, rank * k : (rank + 1) * k])
-        out["rowwise_codes_are_slice"] = torch.equal(row.weight, full.weight[:, rank * k : (rank + 1) * k])
-        out["rowwise_scb_whole"] = torch.equal(row.SCB, full.SCB)
-        # Derived bound: both runs decompose the same columns (the outlier test is per column); on the
-        # others each x element is rounded to its row's grid, off by at most half a step: absmax/254 for
-        # one process, shard absmax/254 with two. So |y_row - y_full| <= sum_j (s_i + s_i,r(j))/254 * |w_dq,kj|,
-        # plus float32 rounding of both (K * 2^-24 relative to |x| @ |w_dq|.T).
-        outlier = (x.abs() >= THRESHOLD).any(dim=0)
-        xm = x.masked_fill(outlier, 0).abs()
+        out[key("rowwise_codes_are_slice")] = torch.equal(row.weight, full.weight[:, rank * k : (rank + 1) * k])
+        out[key("rowwise_scb_whole")] = torch.equal(row.SCB, full.SCB)
+        # Derived bound: both runs take the same columns in float (the outlier test is per column; fp
+        # columns are fixed); on the others each x element is rounded to its row's grid, off by at most
+        # half a step: absmax/254 for one process, shard absmax/254 with two. So
+        # |y_row - y_full| <= sum_j (s_i + s_i,r(j))/254 * |w_dq,kj|, plus float32 rounding of both
+        # (K * 2^-24 relative to |x| @ |w|.T).
+        xm = x.masked_fill(float_cols, 0).abs()
         s_full = xm.amax(dim=1, keepdim=True)
         s_shard = torch.cat([xm[:, r * k : (r + 1) * k].amax(dim=1, keepdim=True).expand(-1, k) for r in range(world)], 1)
-        w_dq = full.weight.double() * full.SCB.double()[:, None] / INT8_MAX
-        step = ((s_full + s_shard) / (2 * INT8_MAX)).double().masked_fill(outlier, 0)
+        w_dq = full.dequantize().double()
+        step = ((s_full + s_shard) / (2 * INT8_MAX)).double().masked_fill(float_cols, 0)
         bound = step @ w_dq.abs().T + 2 * 128 * U32 * (x.double().abs() @ w_dq.abs().T)
         diff = (y_row.double() - y_full.double()).abs()
-        out["rowwise_within_bound"] = bool((diff <= bound).all())
-        out["rowwise_max_diff_over_bound"] = float((diff / bound).max())
-        out["rowwise_differs"] = not torch.equal(y_row, y_full)  # the shards' own x scales were used
+        out[key("rowwise_within_bound")] = bool((diff <= bound).all())
+        out[key("rowwise_max_diff_over_bound")] = float((diff / bound).max())
+        out[key("rowwise_differs")] = not torch.equal(y_row, y_full)  # the shards' own x scales were used
+        if calibrated:
+            lo = rank * k
+            expected = fp_cols[(fp_cols >= lo) & (fp_cols < lo + k)] - lo
+            out["rowwise_fp_cols_local"] = torch.equal(row.fp_cols, expected)
+            return
 
         out["indivisible"] = _error(lambda: parallelize_module(
             Linear8bitLt.from_weight(torch.randn(5, 8)), _mesh(), Int8ColwiseParallel()))
@@ -172,7 +184,8 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out: dict = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
-    layer_checks(out)
+    layer_checks(out, calibrated=False)
+    layer_checks(out, calibrated=True)
     model_checks(checkpoint, out)
     with open(out_path.replace("{rank}", str(dist.get_rank())), "w") as f:
         json.dump(out, f, indent=1)
