@@ -64,7 +64,8 @@ def ddp_init(self, module, *args, **kwargs):
     counts["synced_param_names"] = [n for n, _ in synced]
     counts["synced_param_bytes"] = _nbytes([p for _, p in synced])
     counts["trainable_param_bytes"] = _nbytes([p for p in module.parameters() if p.requires_grad])
-    counts["model_state_bytes"] = _nbytes(list(module.state_dict(keep_vars=True).values()))
+    unique = {t.data_ptr(): t for t in module.state_dict(keep_vars=True).values()}  # a tied head counts once
+    counts["model_state_bytes"] = _nbytes(list(unique.values()))
     counts["other_buffer_bytes"] = _nbytes([b for n, b in module.named_buffers() if n not in self.parameters_to_ignore])
 
 

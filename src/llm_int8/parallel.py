@@ -69,8 +69,9 @@ def frozen_state_names(model: nn.Module) -> list[str]:
 
 def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
     """Two int64 sums of ``tensor``'s bit patterns (plain, and weighted by position mod a prime):
-    equal tensors give equal pairs; a changed element or a permutation changes them (but for
-    collisions of probability ~2^-64 per tensor for unrelated data)."""
+    equal tensors give equal pairs; one changed element changes the plain sum, and a tensor from
+    another checkpoint, or permuted, changes both but by a coincidence. Not a cryptographic hash:
+    it catches mistakes (another file, another config), not tampering."""
     flat = tensor.detach().reshape(-1)
     if flat.is_floating_point() or flat.is_complex():
         flat = flat.contiguous().view(_INT_VIEW[flat.element_size()])
