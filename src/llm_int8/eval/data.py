@@ -62,23 +62,31 @@ def split_tokens(token_ids: torch.Tensor, holdout_fraction: float = 0.05) -> tup
     return token_ids[:cut], token_ids[cut:]
 
 
-def token_windows(token_ids: torch.Tensor, n_windows: int, seq_len: int) -> torch.Tensor:
+def token_windows(token_ids: torch.Tensor, n_windows: int, seq_len: int, bos_token_id: int | None = None) -> torch.Tensor:
     """``n_windows`` non-overlapping windows of ``seq_len`` tokens, spread evenly over ``token_ids``.
 
     Deterministic (no random draw): window i starts at ``i * stride`` with ``stride = T // n_windows``,
-    so the windows sample the whole corpus and every method sees the same ones. Returns int64
-    [n_windows, seq_len].
+    so the windows sample the whole corpus and every method sees the same ones. With
+    ``bos_token_id`` (the model's BOS token, for models trained to see one at the start of a text),
+    each window is that token followed by ``seq_len - 1`` text tokens, as llama.cpp's perplexity
+    tool and lm-evaluation-harness feed such models: the first text token is then predicted (from
+    BOS) and scored. Returns int64 [n_windows, seq_len].
     """
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
     if n_windows < 1 or seq_len < 2:
         raise ValueError(f"need n_windows >= 1 and seq_len >= 2, got {n_windows} and {seq_len}")
+    n_text = seq_len if bos_token_id is None else seq_len - 1
     total = token_ids.numel()
-    if n_windows * seq_len > total:
+    if n_windows * n_text > total:
         raise ValueError(
             f"the corpus has {total} tokens, too few for {n_windows} windows of {seq_len}; "
             "lower --windows or --seq-len, or use a longer corpus"
         )
     stride = total // n_windows
     starts = torch.arange(n_windows) * stride
-    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()]).long()
+    windows = torch.stack([token_ids[s : s + n_text] for s in starts.tolist()]).long()
+    if bos_token_id is not None:
+        bos = torch.full((n_windows, 1), int(bos_token_id), dtype=torch.int64)
+        windows = torch.cat([bos, windows], dim=1)
+    return windows

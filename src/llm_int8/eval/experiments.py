@@ -21,7 +21,7 @@ from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
 from .hooks import LinearInputHooks
 from .methods import METHODS, bitsandbytes_available, build_method
-from .models import common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
+from .models import bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
 from .perplexity import PerplexityResult, perplexity, top1_agreement
 from .speed import decode_tokens_per_second, prefill_tokens_per_second
@@ -47,15 +47,20 @@ class Workload:
     tokenizer: object
     windows: torch.Tensor  # int64 [n_windows, seq_len], from the first 95 % of the corpus
     calibration: torch.Tensor  # int64 [CALIBRATION_WINDOWS, seq_len], from the held-out tail
+    bos_token_id: int | None = None  # the first token of every window (models trained with a BOS), else None
 
 
 def prepare(model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int) -> Workload:
-    """Load the fp32 model, tokenize the corpus and cut the deterministic windows."""
+    """Load the fp32 model, tokenize the corpus and cut the deterministic windows (each starting with
+    the model's BOS token where it has one: :func:`.models.bos_token_id`), for evaluation, calibration
+    and outlier statistics alike."""
     text = load_corpus(corpus)  # first: a missing corpus fails before the slow model load
     lm, tokenizer = load_model(model, gguf_file)
     evaluation, held_out = split_tokens(tokenize(tokenizer, text))
+    bos = bos_token_id(model, tokenizer)
     return Workload(
-        lm, tokenizer, token_windows(evaluation, n_windows, seq_len), token_windows(held_out, CALIBRATION_WINDOWS, seq_len)
+        lm, tokenizer, token_windows(evaluation, n_windows, seq_len, bos),
+        token_windows(held_out, CALIBRATION_WINDOWS, seq_len, bos), bos,
     )
 
 
