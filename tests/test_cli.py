@@ -63,6 +63,12 @@ def test_ppl_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
     assert result["perplexity"]["fp32"]["top1_agreement"] == 1.0
     assert all(0.0 <= r["top1_agreement"] <= 1.0 for r in result["perplexity"].values())
     assert "top-1 = fp32" in text
+    # every change against fp32 comes with its 95 % interval, which holds the change
+    assert "vs fp32 [95 % interval]" in text and "t over 2 windows" in text
+    for name in ("absmax_tensor", "llm_int8"):
+        c = result["perplexity"][name]["change"]
+        assert c["low"] <= c["change"] <= c["high"] and c["n_windows"] == 2 and c["n_tokens"] == 30
+        assert f"{100 * c['change']:+.2f} % [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]" in text
 
 
 def test_outliers_finds_the_planted_dim_and_writes_pngs(tiny, tmp_path):

@@ -104,6 +104,42 @@ def test_token_windows_start_with_bos_and_keep_their_length():
         data.token_windows(torch.arange(989), 10, 100, bos_token_id=0)
 
 
+def _result_with(token_nll):
+    from llm_int8.eval.perplexity import PerplexityResult
+
+    nll = float(token_nll.mean())
+    return PerplexityResult(math.exp(nll), nll, token_nll.numel(), token_nll=token_nll.double())
+
+
+def test_paired_change_interval_from_window_means():
+    """ppl ratio - 1 = exp(mean d) - 1; the window interval is mean d +- t(W-1) sd(window means) / sqrt(W)."""
+    from llm_int8.eval.perplexity import paired_change, t_quantile_975
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(5, 40, generator=gen, dtype=torch.float64) * 4
+    shift = torch.tensor([0.01, 0.03, -0.01, 0.02, 0.05], dtype=torch.float64)[:, None]  # per-window mean differences
+    noise = torch.randn(5, 40, generator=gen, dtype=torch.float64) * 0.1
+    noise -= noise.mean(dim=1, keepdim=True)  # so that each window's mean difference is exactly its shift
+    c = paired_change(_result_with(ref + shift + noise), _result_with(ref))
+    d = shift.flatten()
+    half = 2.776 * float(d.std()) / math.sqrt(5)  # t(4) = 2.776
+    assert math.isclose(c.change, math.exp(float(d.mean())) - 1, rel_tol=1e-9)
+    assert math.isclose(c.low, math.exp(float(d.mean()) - half) - 1, rel_tol=1e-9)
+    assert math.isclose(c.high, math.exp(float(d.mean()) + half) - 1, rel_tol=1e-9)
+    assert c.token_low > c.low and c.token_high < c.high  # the independent-token interval is narrower here
+    assert c.n_windows == 5 and c.n_tokens == 200
+    # the same model against itself: zero change, zero-width interval
+    same = paired_change(_result_with(ref), _result_with(ref))
+    assert same.change == same.low == same.high == 0.0
+    # c's interval holds 0 (window means -0.01 .. 0.05): no ordering against fp32; shifted by 0.1, there is
+    assert c.low < 0 < c.high and not c.separated_from(same) and not same.separated_from(same)
+    far = paired_change(_result_with(ref + shift + 0.1 + noise), _result_with(ref))
+    assert far.low > 0 and far.separated_from(same) and far.separated_from(c) is (far.low > c.high)
+    assert t_quantile_975(1) == 12.706 and abs(t_quantile_975(60) - 2.0003) < 1e-3 and abs(t_quantile_975(1000) - 1.9623) < 1e-3
+    with pytest.raises(ValueError, match="different windows"):
+        paired_change(_result_with(ref[:4]), _result_with(ref))
+
+
 def test_bos_token_id_per_model():
     from types import SimpleNamespace
 

@@ -43,15 +43,37 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _change_text(change: dict | None) -> str:
+    """'+0.51 % [+0.32, +0.70]': the change in perplexity against fp32 and its 95 % interval (windows)."""
+    if not change:
+        return "-"
+    if change["change"] == 0.0 and change["low"] == change["high"] == 0.0:
+        return "+0.00 %"
+    return f"{100 * change['change']:+.2f} % [{100 * change['low']:+.2f}, {100 * change['high']:+.2f}]"
+
+
 def _ppl_table(results: dict, labels: dict) -> str:
     base = results.get("fp32", {}).get("perplexity")
     rows = []
     for name, r in results.items():
-        delta = f"{100 * (r['perplexity'] / base - 1):+.2f} %" if base else "-"
+        change = r.get("change")
+        if change:
+            delta = _change_text(change)
+            token = "-" if name == "fp32" else f"[{100 * change['token_low']:+.2f}, {100 * change['token_high']:+.2f}]"
+        else:
+            delta = f"{100 * (r['perplexity'] / base - 1):+.2f} %" if base else "-"
+            token = "-"
         agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.2f} %"
-        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, agree, f"{r['median_seconds_per_window']:.2f}"])
-    table = _table(["method", "perplexity", "vs fp32", "top-1 = fp32", "s/window"], rows)
-    n_tokens = next(iter(results.values()), {}).get("n_tokens")
+        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, token, agree,
+                     f"{r['median_seconds_per_window']:.2f}"])
+    table = _table(["method", "perplexity", "vs fp32 [95 % interval]", "per-token interval", "top-1 = fp32", "s/window"],
+                   rows)
+    first = next(iter(results.values()), {})
+    n_tokens, change = first.get("n_tokens"), first.get("change")
+    if base and change:
+        table += (f"\nvs fp32: ppl / ppl(fp32) - 1 on the same {n_tokens} tokens; 95 % interval of the paired per-window "
+                  f"NLL differences (t over {change['n_windows']} windows; the per-token interval treats tokens as "
+                  "independent and is narrower).\nMethods whose intervals overlap are not ordered by this run.")
     if base and n_tokens:
         table += f"\ntop-1 = fp32: share of the {n_tokens} next-token predictions (argmax) equal to fp32's, same text"
     return table
@@ -125,6 +147,8 @@ def cmd_demo(args, progress):
 
 
 def _delta(result: dict, base: dict) -> str:
+    if result.get("change"):
+        return _change_text(result["change"])
     return f"{100 * (result['perplexity'] / base['perplexity'] - 1):+.2f} %"
 
 
@@ -143,7 +167,7 @@ def cmd_scale(args, progress):
               f"{row['seq_len']} tokens of {args.corpus}; load {row['seconds']['load']:.0f} s, all {row['seconds']['total']:.0f} s")
         print(_ppl_table(ppl, row["labels"]))
     labels = rows[0]["labels"]
-    print("\nperplexity increase over fp32 / top-1 agreement with fp32, per model:")
+    print("\nperplexity increase over fp32 [95 % interval, paired per window] / top-1 agreement with fp32, per model:")
     print(_table(["method", *(r["model"] for r in rows)], [
         [labels[m], *(f"{_delta(r['perplexity'][m], r['perplexity']['fp32'])} / {100 * r['perplexity'][m]['top1_agreement']:.1f} %"
                       for r in rows)] for m in methods if m != "fp32"

@@ -23,7 +23,7 @@ from .hooks import LinearInputHooks
 from .methods import METHODS, bitsandbytes_available, build_method
 from .models import bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
-from .perplexity import PerplexityResult, perplexity, top1_agreement
+from .perplexity import PerplexityResult, paired_change, perplexity, top1_agreement
 from .speed import decode_tokens_per_second, prefill_tokens_per_second
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
@@ -78,7 +78,8 @@ def compare_methods(
     """Perplexity of every method on the same windows; each method runs on its own converted copy of the
     model. ``done``: results already measured on these windows (not run again).
 
-    With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32."""
+    With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32 and its
+    ``change`` against fp32 on the same tokens, with 95 % intervals (:func:`.perplexity.paired_change`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
@@ -94,6 +95,7 @@ def compare_methods(
     if "fp32" in results:
         for result in results.values():
             result.top1_agreement = top1_agreement(result, results["fp32"])
+            result.change = paired_change(result, results["fp32"])
     return results
 
 
