@@ -202,10 +202,26 @@ def cmd_scale(args, progress):
 
 
 def cmd_quantize(args, progress):
-    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold)
+    rounding = None
+    if args.calibrate:
+        rounding = ex.gptq_calibration(args.model, args.gguf_file, args.corpus, args.calib_windows, args.seq_len, progress)
+        print(f"GPTQ rounding of the int8 codes on {rounding.n_positions} held-out tokens of {args.corpus} "
+              f"({args.calib_windows} windows x {args.seq_len}): {rounding.seconds:.0f} s")
+        print("relative output error of each layer on the calibration inputs, tr(dW H dW^T) / tr(W H W^T):")
+        print(_table(["layer", "round-to-nearest", "GPTQ", "GPTQ / RTN"], [
+            [name, f"{rtn:.3e}", f"{rounding.error_gptq[name]:.3e}",
+             f"{rounding.error_gptq[name] / rtn:.3f}" if rtn > 0 else "-"]
+            for name, rtn in rounding.error_rtn.items()
+        ]))
+        total_rtn, total_gptq = sum(rounding.error_rtn.values()), sum(rounding.error_gptq.values())
+        print(f"sum over the {len(rounding.error_rtn)} layers: RTN {total_rtn:.3e}, GPTQ {total_gptq:.3e} "
+              f"({total_gptq / total_rtn:.3f}x)")
+    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold, rounding)
     print(f"{result['title']}: int8 model built tensor by tensor in {result['seconds']:.1f} s; footprint "
           f"{result['footprint'] / MiB:.0f} MiB ({result['converted']} linear layers int8, {result['kept']} kept float); "
           f"peak RSS of this process {result['peak_rss'] / MiB:.0f} MiB")
+    if rounding is not None:
+        print("codes: GPTQ-rounded (same row scales SCB as round-to-nearest; the same format, bitsandbytes loads it)")
     if args.save:
         print(f"wrote {args.save} (save_pretrained: a bitsandbytes-format 8-bit checkpoint; from_pretrained reads it back)")
     _write_json(args.json, result)
@@ -365,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant = add("quantize", cmd_quantize, "build the int8 model tensor by tensor (never the float model) and save it", data=False)
     quant.add_argument("--save", default=None, metavar="DIR", help="save_pretrained the int8 model here")
     quant.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
+    quant.add_argument("--calibrate", action="store_true", help="round the int8 codes with GPTQ against held-out "
+                       "windows of --corpus (the float model is loaded for it); same format and scales")
+    quant.add_argument("--corpus", default=SHAKESPEARE, help="calibration text for --calibrate: 'shakespeare', 'kjv' "
+                       "or a UTF-8 text file (its last 5 %% is used)")
+    quant.add_argument("--calib-windows", type=_positive_int, default=ex.GPTQ_WINDOWS, help="calibration windows "
+                       "for --calibrate (default %(default)s)")
+    quant.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration window")
     return parser
 
 

@@ -73,10 +73,11 @@ def calibrate(
 
 def compare_methods(
     work: Workload, methods: list[str], plan: CalibrationPlan | None = None, progress: ProgressFactory = _no_progress,
-    done: dict[str, PerplexityResult] | None = None,
+    done: dict[str, PerplexityResult] | None = None, rounding=None,
 ) -> dict[str, PerplexityResult]:
     """Perplexity of every method on the same windows; each method runs on its own converted copy of the
-    model. ``done``: results already measured on these windows (not run again).
+    model. ``done``: results already measured on these windows (not run again). ``rounding``: the GPTQ
+    codes the ``*_gptq`` methods use (:func:`.rounding.gptq_rounding`).
 
     With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32 and its
     ``change`` against fp32 on the same tokens, with 95 % intervals (:func:`.perplexity.paired_change`)."""
@@ -88,7 +89,7 @@ def compare_methods(
         if done and name in done:
             results[name] = done[name]
             continue
-        model = build_method(work.model, name, {"calibration": plan})
+        model = build_method(work.model, name, {"calibration": plan, "rounding": rounding})
         results[name] = perplexity(model, work.windows, progress(name))
         del model
         _memory.trim_heap()  # the method's weights are freed: give their heap pages back before the next
@@ -374,18 +375,47 @@ def peak_rss() -> int:
     return 0
 
 
-def quantize_to_disk(model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0) -> dict:
-    """Build the int8 model without the float one (:func:`.models.load_int8_model`) and ``save_pretrained``
-    it to ``save`` (if given); returns the load time, footprint and this process's peak RSS."""
+GPTQ_WINDOWS = 16  # calibration windows of the GPTQ rounding (16 x 512 = 8,192 held-out tokens by default)
+
+
+def gptq_calibration(
+    model: str, gguf_file: str | None, corpus: str, n_windows: int = GPTQ_WINDOWS, seq_len: int = 512,
+    progress: ProgressFactory = _no_progress,
+):
+    """GPTQ codes (:func:`.rounding.gptq_rounding`) of the float ``model``, from ``n_windows`` windows of the
+    held-out tail of ``corpus`` (the last 5 %, never an evaluation window); the float model is freed after."""
+    from .rounding import gptq_rounding
+
+    text = load_corpus(corpus)
+    lm, tokenizer = load_model(model, gguf_file)
+    _, held_out = split_tokens(tokenize(tokenizer, text))
+    windows = token_windows(held_out, n_windows, seq_len, bos_token_id(model, tokenizer))
+    rounding = gptq_rounding(lm, windows, progress=progress("GPTQ calibration"))
+    del lm
+    gc.collect()
+    _memory.trim_heap()
+    return rounding
+
+
+def quantize_to_disk(
+    model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0, rounding=None,
+) -> dict:
+    """Build the int8 model without the float one (:func:`.models.load_int8_model`), write the GPTQ codes
+    of ``rounding`` into it if given (:func:`gptq_calibration`), and ``save_pretrained`` it to ``save``
+    (if given); returns the load time, footprint and this process's peak RSS."""
     from ..integrations.hf import LLMInt8Config
+    from .rounding import apply_rounding
 
     start = time.perf_counter()
     lm, tokenizer = load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold))
+    if rounding is not None:
+        apply_rounding(lm, rounding)
     seconds = time.perf_counter() - start
     report = lm.hf_quantizer.report
     result = {
         "model": model, "title": model_title(model), "seconds": seconds, "footprint": memory_footprint(lm),
         "converted": len(report.converted), "kept": len(report.skipped), "peak_rss": peak_rss(),
+        "rounding": None if rounding is None else rounding.to_dict(),
     }
     if save:
         lm.save_pretrained(save)

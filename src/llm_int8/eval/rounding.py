@@ -199,14 +199,20 @@ def gptq_rounding(
                 continue
             hessian = site.stats.pop("hessian")
             result.n_positions = hooks.n_positions[id(site)]
-            for name in site.names:
-                weight = _float_weight(modules[name]).detach().float()
-                rtn, absmax = rtn_codes(weight)
-                codes = gptq_codes(weight, hessian, absmax, damp)
-                result.codes[name], result.absmax[name] = codes, absmax
-                result.error_rtn[name] = output_error(weight, rtn, absmax, hessian)
-                result.error_gptq[name] = output_error(weight, codes, absmax, hessian)
-            del hessian
+            # GPTQ treats rows independently given H: the layers of one site (q/k/v, gate/up) are
+            # rounded as one stacked weight, sharing H's factorization and the column loop.
+            weights = [_float_weight(modules[name]).detach().float() for name in site.names]
+            stacked = torch.cat(weights)
+            rtn, absmax = rtn_codes(stacked)
+            codes = gptq_codes(stacked, hessian, absmax, damp)
+            row = 0
+            for name, weight in zip(site.names, weights):
+                rows = slice(row, row + weight.shape[0])
+                row += weight.shape[0]
+                result.codes[name], result.absmax[name] = codes[rows].clone(), absmax[rows].clone()
+                result.error_rtn[name] = output_error(weight, rtn[rows], absmax[rows], hessian)
+                result.error_gptq[name] = output_error(weight, codes[rows], absmax[rows], hessian)
+            del hessian, stacked
     missing = [name for name in modules if name not in result.codes]
     if missing:
         raise RuntimeError(f"no calibration input reached {len(missing)} layers ({', '.join(missing[:3])}, ...)")
@@ -215,21 +221,25 @@ def gptq_rounding(
 
 
 def apply_rounding(model: nn.Module, rounding: RoundingResult) -> list[str]:
-    """Write the GPTQ codes into the model's ``Linear8bitLt`` layers of the same names (in place: the
-    layers' bound kernels see the new codes); ``SCB`` must already be the rounding's absmax. Returns
-    the names written."""
+    """Write the GPTQ codes and their row absmax (``SCB``) into the model's ``Linear8bitLt`` layers of the
+    same names, in place (the layers' bound kernels see the new tensors); every rounded layer must be
+    found. Returns the names written."""
     from ..nn import Linear8bitLt
 
     written = []
     for name, module in model.named_modules():
         if isinstance(module, Linear8bitLt) and name in rounding.codes:
-            codes = rounding.codes[name]
-            if codes.shape != module.weight.shape or not torch.equal(module.SCB, rounding.absmax[name]):
+            codes, absmax = rounding.codes[name], rounding.absmax[name]
+            if codes.shape != module.weight.shape:
                 raise ValueError(
-                    f"{name}: the layer's weight {tuple(module.weight.shape)} / SCB do not match the rounding's; "
-                    "quantize the same float model the rounding was computed on"
+                    f"{name}: the layer's weight is {tuple(module.weight.shape)}, the rounding's codes "
+                    f"{tuple(codes.shape)}; quantize the model the rounding was computed on"
                 )
             with torch.no_grad():
                 module.weight.copy_(codes)
+                module.SCB.copy_(absmax)
             written.append(name)
+    missing = sorted(set(rounding.codes) - set(written))
+    if missing:
+        raise ValueError(f"{len(missing)} rounded layers are not int8 layers of this model ({', '.join(missing[:3])}, ...)")
     return written
