@@ -46,8 +46,11 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=ex.GPTQ_WINDOWS)
     parser.add_argument("--corpus", nargs="+", default=[SHAKESPEARE, KJV])
     parser.add_argument("--methods", nargs="+", default=METHODS_RUN)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--save", default=None, metavar="DIR", help="write the GPTQ checkpoint here and score it with bitsandbytes alone")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, load average {load} "

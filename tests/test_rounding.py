@@ -123,3 +123,42 @@ def test_bitsandbytes_runs_the_gptq_codes_it_is_given():
         assert torch.equal(layer.weight.data, result.codes[name]) and torch.equal(layer.weight.SCB, result.absmax[name])
     with pytest.raises(ValueError, match="needs GPTQ codes"):
         build_method(model, "llm_int8_gptq")
+
+
+class TinyLM(nn.Module):
+    """A causal-LM-shaped stub with vocabulary-sized logits, for perplexity."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 32)
+        self.a = nn.Linear(32, 64)
+        self.b = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        h = h + self.b(torch.relu(self.a(h)))
+        return type("Out", (), {"logits": self.head(h) * 4})()
+
+
+def test_calibration_that_would_hurt_is_not_kept():
+    """check_calibration keeps a calibrated method only where validation windows improve: codes that make
+    held-out perplexity worse (here off by one step at random, as codes fitted to the wrong text can be)
+    are refused, and so are codes that change nothing."""
+    from llm_int8.eval.experiments import check_calibration
+
+    model = TinyLM().eval()
+    gen = torch.Generator().manual_seed(0)
+    validation = torch.randint(0, 50, (4, 32), generator=gen)
+    names = ["a", "b", "head"]
+    rtn = {n: R.rtn_codes(getattr(model, n).weight) for n in names}
+    same = R.RoundingResult({n: c for n, (c, _) in rtn.items()}, {n: a for n, (_, a) in rtn.items()}, {}, {}, 0, 0.0)
+    noisy = R.RoundingResult(
+        {n: (c.int() + torch.randint(-1, 2, c.shape, generator=gen)).clamp(-127, 127).to(torch.int8) for n, (c, _) in rtn.items()},
+        same.absmax, {}, {}, 0, 0.0,
+    )
+    hurt = check_calibration(model, "llm_int8_gptq", "llm_int8", validation, {"rounding": noisy})
+    assert hurt.change.change > 0 and not hurt.kept
+    unchanged = check_calibration(model, "llm_int8_gptq", "llm_int8", validation, {"rounding": same})
+    assert unchanged.change.change == 0.0 and not unchanged.kept

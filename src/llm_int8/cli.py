@@ -202,9 +202,12 @@ def cmd_scale(args, progress):
 
 
 def cmd_quantize(args, progress):
-    rounding = None
+    rounding = check = None
     if args.calibrate:
-        rounding = ex.gptq_calibration(args.model, args.gguf_file, args.corpus, args.calib_windows, args.seq_len, progress)
+        kept, check, computed = ex.gptq_calibration(
+            args.model, args.gguf_file, args.corpus, args.calib_windows, args.seq_len, progress
+        )
+        rounding = computed
         print(f"GPTQ rounding of the int8 codes on {rounding.n_positions} held-out tokens of {args.corpus} "
               f"({args.calib_windows} windows x {args.seq_len}): {rounding.seconds:.0f} s")
         print("relative output error of each layer on the calibration inputs, tr(dW H dW^T) / tr(W H W^T):")
@@ -216,7 +219,13 @@ def cmd_quantize(args, progress):
         total_rtn, total_gptq = sum(rounding.error_rtn.values()), sum(rounding.error_gptq.values())
         print(f"sum over the {len(rounding.error_rtn)} layers: RTN {total_rtn:.3e}, GPTQ {total_gptq:.3e} "
               f"({total_gptq / total_rtn:.3f}x)")
+        verdict = "kept" if check.kept else "NOT kept: it did not improve them, the round-to-nearest codes are written"
+        print(f"on {check.n_windows} validation windows (held out, disjoint from the calibration ones), LLM.int8() with "
+              f"GPTQ codes vs round-to-nearest: perplexity {_change_text(check.change.to_dict())}; GPTQ codes {verdict}")
+        rounding = kept
     result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold, rounding)
+    if check is not None:
+        result["calibration_check"], result["gptq"] = check.to_dict(), computed.to_dict()
     print(f"{result['title']}: int8 model built tensor by tensor in {result['seconds']:.1f} s; footprint "
           f"{result['footprint'] / MiB:.0f} MiB ({result['converted']} linear layers int8, {result['kept']} kept float); "
           f"peak RSS of this process {result['peak_rss'] / MiB:.0f} MiB")

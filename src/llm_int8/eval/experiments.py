@@ -23,7 +23,7 @@ from .hooks import LinearInputHooks
 from .methods import METHODS, bitsandbytes_available, build_method
 from .models import bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
-from .perplexity import PerplexityResult, paired_change, perplexity, top1_agreement
+from .perplexity import PerplexityChange, PerplexityResult, paired_change, perplexity, top1_agreement
 from .speed import decode_tokens_per_second, prefill_tokens_per_second
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
@@ -376,25 +376,62 @@ def peak_rss() -> int:
 
 
 GPTQ_WINDOWS = 16  # calibration windows of the GPTQ rounding (16 x 512 = 8,192 held-out tokens by default)
+VALIDATION_WINDOWS = 4  # held-out windows, disjoint from the calibration ones, that decide whether a calibration is kept
+
+
+@dataclass
+class CalibrationCheck:
+    """Whether a calibrated method beat its uncalibrated baseline on validation windows (held out from the
+    same corpus, disjoint from the calibration windows and from every evaluation window)."""
+
+    method: str
+    baseline: str
+    kept: bool
+    change: PerplexityChange  # the method's perplexity against the baseline's, paired, on the validation windows
+    n_windows: int
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "baseline": self.baseline, "kept": self.kept, "change": self.change.to_dict(),
+                "n_windows": self.n_windows}
+
+
+def check_calibration(model: nn.Module, method: str, baseline: str, windows: torch.Tensor, context: dict) -> CalibrationCheck:
+    """Calibration never hurts: ``method`` (e.g. ``llm_int8_gptq``) is kept only if its perplexity on the
+    validation ``windows`` is lower than ``baseline``'s (e.g. ``llm_int8``) on the same tokens."""
+    base = perplexity(build_method(model, baseline, context), windows)
+    candidate = perplexity(build_method(model, method, context), windows)
+    change = paired_change(candidate, base)
+    return CalibrationCheck(method, baseline, change.change < 0.0, change, int(windows.shape[0]))
+
+
+def calibration_split(held_out: torch.Tensor, n_calibration: int, n_validation: int, seq_len: int, bos: int | None):
+    """(calibration windows, validation windows) from the held-out tail: its first half and its second half."""
+    calibration_part, validation_part = split_tokens(held_out, 0.5)
+    return (token_windows(calibration_part, n_calibration, seq_len, bos),
+            token_windows(validation_part, n_validation, seq_len, bos))
 
 
 def gptq_calibration(
     model: str, gguf_file: str | None, corpus: str, n_windows: int = GPTQ_WINDOWS, seq_len: int = 512,
-    progress: ProgressFactory = _no_progress,
+    progress: ProgressFactory = _no_progress, n_validation: int = VALIDATION_WINDOWS,
 ):
-    """GPTQ codes (:func:`.rounding.gptq_rounding`) of the float ``model``, from ``n_windows`` windows of the
-    held-out tail of ``corpus`` (the last 5 %, never an evaluation window); the float model is freed after."""
+    """(rounding or None, :class:`CalibrationCheck`): GPTQ codes (:func:`.rounding.gptq_rounding`) of the
+    float ``model`` from ``n_windows`` windows of the first half of ``corpus``'s held-out tail (its last 5 %,
+    never an evaluation window), kept only if LLM.int8() with them beats round-to-nearest on
+    ``n_validation`` windows of the tail's second half (else None: the caller keeps round-to-nearest).
+    The float model is freed after."""
     from .rounding import gptq_rounding
 
     text = load_corpus(corpus)
     lm, tokenizer = load_model(model, gguf_file)
     _, held_out = split_tokens(tokenize(tokenizer, text))
-    windows = token_windows(held_out, n_windows, seq_len, bos_token_id(model, tokenizer))
-    rounding = gptq_rounding(lm, windows, progress=progress("GPTQ calibration"))
+    calibration, validation = calibration_split(held_out, n_windows, n_validation, seq_len, bos_token_id(model, tokenizer))
+    rounding = gptq_rounding(lm, calibration, progress=progress("GPTQ calibration"))
+    check = check_calibration(lm, "llm_int8_gptq", "llm_int8", validation, {"rounding": rounding})
     del lm
     gc.collect()
     _memory.trim_heap()
-    return rounding
+    return rounding if check.kept else None, check, rounding
 
 
 def quantize_to_disk(
