@@ -71,6 +71,17 @@ def test_ppl_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
         assert f"{100 * c['change']:+.2f} % [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]" in text
 
 
+def test_ppl_runs_the_gptq_methods_beside_w8_only(tiny, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    assert _run(tiny, "ppl", "--methods", "fp32", "w8_only", "w8_gptq", "llm_int8", "llm_int8_gptq",
+                "--calib-windows", "2", "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "GPTQ codes calibrated on 32 held-out tokens" in text and "LLM.int8() + GPTQ-rounded codes" in text
+    result = json.loads(out.read_text())["perplexity"]
+    assert set(result) == {"fp32", "w8_only", "w8_gptq", "llm_int8", "llm_int8_gptq"}
+    assert all(r["change"]["low"] <= r["change"]["change"] <= r["change"]["high"] for r in result.values())
+
+
 def test_outliers_finds_the_planted_dim_and_writes_pngs(tiny, tmp_path):
     out = tmp_path / "o.json"
     assert _run(tiny, "outliers", "--out", str(tmp_path), "--json", str(out)) == 0

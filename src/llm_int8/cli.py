@@ -239,9 +239,13 @@ def cmd_quantize(args, progress):
 def cmd_ppl(args, progress):
     work = _workload(args)
     plan = ex.calibrate(work, progress, args.calib_budget / 100) if "llm_int8_calibrated" in args.methods else None
-    results = ex.compare_methods(work, args.methods, plan, progress)
+    rounding = ex.rounding_for(work, args.methods, progress, args.calib_windows)
+    results = ex.compare_methods(work, args.methods, plan, progress, rounding=rounding)
     payload = {name: r.to_dict() for name, r in results.items()}
-    print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens")
+    print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens of {args.corpus}"
+          f"{'' if work.bos_token_id is None else f' (each starting with BOS, id {work.bos_token_id})'}")
+    if rounding is not None:
+        print(f"GPTQ codes calibrated on {rounding.n_positions} held-out tokens in {rounding.seconds:.0f} s")
     print(_ppl_table(payload, {n: METHODS[n].label for n in results}))
     _write_json(args.json, {"n_windows": work.windows.shape[0], "seq_len": work.windows.shape[1], "perplexity": payload})
 
@@ -368,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
     ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True)
     ppl.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE1_METHODS)
+    ppl.add_argument("--calib-windows", type=_positive_int, default=ex.GPTQ_WINDOWS, help="held-out windows the "
+                     "GPTQ codes of the *_gptq methods are calibrated on (default %(default)s)")
     outl = add("outliers", cmd_outliers, "§4.1 outlier features: dims, per-layer counts, plots, ablation", windows=4)
     outl.add_argument("--no-ablation", action="store_true", help="skip the zeroing ablation")
     add("sweep", cmd_sweep, "perplexity, decomposed share and time per forward over alpha in {0,1,2,3,4,6,8,inf}", windows=4)

@@ -48,6 +48,7 @@ class Workload:
     windows: torch.Tensor  # int64 [n_windows, seq_len], from the first 95 % of the corpus
     calibration: torch.Tensor  # int64 [CALIBRATION_WINDOWS, seq_len], from the held-out tail
     bos_token_id: int | None = None  # the first token of every window (models trained with a BOS), else None
+    held_out: torch.Tensor | None = None  # int64 [T]: the held-out tail (last 5 %) the calibration windows come from
 
 
 def prepare(model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int) -> Workload:
@@ -60,8 +61,23 @@ def prepare(model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_
     bos = bos_token_id(model, tokenizer)
     return Workload(
         lm, tokenizer, token_windows(evaluation, n_windows, seq_len, bos),
-        token_windows(held_out, CALIBRATION_WINDOWS, seq_len, bos), bos,
+        token_windows(held_out, CALIBRATION_WINDOWS, seq_len, bos), bos, held_out,
     )
+
+
+GPTQ_METHODS = ("llm_int8_gptq", "w8_gptq", "bitsandbytes_gptq")
+
+
+def rounding_for(work: Workload, methods: list[str], progress: ProgressFactory = _no_progress, n_windows: int | None = None):
+    """The GPTQ codes the ``*_gptq`` methods among ``methods`` need (None if there are none), calibrated on
+    windows of the first half of the held-out tail (:func:`calibration_split`; never an evaluation window)."""
+    if not any(m in GPTQ_METHODS for m in methods):
+        return None
+    from .rounding import gptq_rounding
+
+    calibration, _ = calibration_split(work.held_out, n_windows or GPTQ_WINDOWS, VALIDATION_WINDOWS,
+                                       work.windows.shape[1], work.bos_token_id)
+    return gptq_rounding(work.model, calibration, progress=progress("GPTQ calibration"))
 
 
 def calibrate(
@@ -319,7 +335,8 @@ def scale_model(
         done["fp32"] = perplexity(work.model, work.windows, progress("fp32 + outlier statistics"))
     report = find_outliers(tracker)
     plan = calibrate(work, progress, budget) if "llm_int8_calibrated" in methods else None
-    results = compare_methods(work, ["fp32", *[m for m in methods if m != "fp32"]], plan, progress, done)
+    rounding = rounding_for(work, methods, progress)
+    results = compare_methods(work, ["fp32", *[m for m in methods if m != "fp32"]], plan, progress, done, rounding)
     row = {
         "model": model,
         "title": model_title(model),
