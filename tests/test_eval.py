@@ -357,13 +357,23 @@ def test_decomposition_uses_float_weight_columns_for_outliers():
     assert (decomp(x) - reference).norm() < (plain(x) - reference).norm()
 
 
-INT8_METHODS = [m for m in methods.METHODS if m not in ("fp32", "bf16", "fp16", "llm_int8_calibrated", "bitsandbytes")]
+# they need GPTQ codes in their context (bitsandbytes_gptq, a subclass of nn.Linear: tests/test_rounding.py)
+GPTQ_METHODS = ["llm_int8_gptq", "w8_gptq"]
+INT8_METHODS = [
+    m for m in methods.METHODS
+    if m not in ("fp32", "bf16", "fp16", "llm_int8_calibrated", "bitsandbytes", "bitsandbytes_gptq", *GPTQ_METHODS)
+]
 
 
-@pytest.mark.parametrize("name", INT8_METHODS)
+@pytest.mark.parametrize("name", INT8_METHODS + GPTQ_METHODS)
 def test_every_int8_method_replaces_the_linears_and_keeps_the_head(name):
     model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
-    built = methods.build_method(model, name)
+    context = {}
+    if name in GPTQ_METHODS:
+        from llm_int8.eval.rounding import gptq_rounding
+
+        context["rounding"] = gptq_rounding(model, _windows(2))
+    built = methods.build_method(model, name, context)
     assert isinstance(built.lm_head, nn.Linear)
     assert not isinstance(built.layers[0].up, nn.Linear)
     assert isinstance(model.layers[0].up, nn.Linear)  # the original is untouched
