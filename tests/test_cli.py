@@ -64,6 +64,23 @@ def test_ppl_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
     assert result["perplexity"]["fp32"]["top1_agreement"] == 1.0
     assert all(0.0 <= r["top1_agreement"] <= 1.0 for r in result["perplexity"].values())
     assert "top-1 = fp32" in text
+    # every change against fp32 comes with its 95 % interval, which holds the change
+    assert "vs fp32 [95 % interval]" in text and "t over 2 windows" in text
+    for name in ("absmax_tensor", "llm_int8"):
+        c = result["perplexity"][name]["change"]
+        assert c["low"] <= c["change"] <= c["high"] and c["n_windows"] == 2 and c["n_tokens"] == 30
+        assert f"{100 * c['change']:+.2f} % [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]" in text
+
+
+def test_ppl_runs_the_gptq_methods_beside_w8_only(tiny, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    assert _run(tiny, "ppl", "--methods", "fp32", "w8_only", "w8_gptq", "llm_int8", "llm_int8_gptq",
+                "--calib-windows", "2", "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "GPTQ codes calibrated on 32 held-out tokens" in text and "LLM.int8() + GPTQ-rounded codes" in text
+    result = json.loads(out.read_text())["perplexity"]
+    assert set(result) == {"fp32", "w8_only", "w8_gptq", "llm_int8", "llm_int8_gptq"}
+    assert all(r["change"]["low"] <= r["change"]["change"] <= r["change"]["high"] for r in result.values())
 
 
 def test_outliers_finds_the_planted_dim_and_writes_pngs(tiny, tmp_path):
@@ -143,7 +160,7 @@ def test_missing_corpus_is_a_clear_error(tiny, tmp_path, capsys):
     model, _ = tiny
     argv = ["ppl", "--model", model, "--corpus", str(tmp_path / "none.txt"), "--no-progress"]
     assert cli.main(argv) == 2
-    assert "neither 'shakespeare' nor an existing text file" in capsys.readouterr().err
+    assert "neither one of shakespeare, kjv nor an existing text file" in capsys.readouterr().err
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

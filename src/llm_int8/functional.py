@@ -299,16 +299,19 @@ def mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_
 
 
 def _grad_input(grad_out: torch.Tensor, weight_int8: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
-    """float32 [M, K] = bf16(grad_out * weight_absmax / 127) @ weight_int8, summed in float32.
+    """float32 [M, K] = (grad_out * weight_absmax / 127) @ weight_int8, summed in float32.
 
-    grad_out [M, N] is scaled by each weight row's absmax / 127 (so the int8 codes stay whole) and
-    rounded once to bfloat16; every int8 code is exactly a bfloat16, and the products are summed
-    in float32. The result differs from grad_out @ dequant(W) by at most 2^-8 * sum_n |g_n| |W^_nk|
-    (plus float32 summation): per term, never more than the int8 weight itself is off from the
-    float weight it was quantized from (half a step, 2^-8 of its row's absmax). In return the
-    backward is a bf16 GEMM: on CPUs with AVX-512 BF16 our kernel runs it at twice the float32
-    multiply-adds per instruction, reading the int8 weight in place; elsewhere it is a float32
-    GEMM of the same numbers.
+    grad_out [M, N] is scaled by each weight row's absmax / 127 (so the int8 codes stay whole; every
+    int8 code is exact in float32 and in bfloat16). Two paths, chosen per call:
+
+    * the AVX-512 BF16 kernel (CPU with that extension, no double backward): the scaled gradient is
+      rounded once to bfloat16 and the products summed in float32. The result differs from
+      grad_out @ dequant(W) by at most 2^-8 * sum_n |g_n| |W^_nk| (plus float32 summation): per
+      term, never more than the int8 weight itself is off from the float weight it was quantized
+      from (half a step, 2^-8 of its row's absmax). In return it runs at twice the float32
+      multiply-adds per instruction, reading the int8 weight in place.
+    * everywhere else, a float32 GEMM of the float32 scaled gradient: no bfloat16 rounding (it
+      would buy no speed there), only float32's, about 2^-24 * (N + 2) of sum |g| |W^|.
     """
     scaled = grad_out.float() * (weight_absmax.float() / INT8_MAX)
     # (a double backward, create_graph=True, needs this product in autograd: the torch path below)
@@ -319,7 +322,7 @@ def _grad_input(grad_out: torch.Tensor, weight_int8: torch.Tensor, weight_absmax
         if n % 2:
             a[:, n] = 0  # the pair partner of the last row of W: the kernel reads N in pairs
         return _native.grad_bf16_s8(a, weight_int8)
-    return scaled.bfloat16().float() @ weight_int8.float()
+    return scaled @ weight_int8.float()
 
 
 def _setup_context(ctx, inputs, output):

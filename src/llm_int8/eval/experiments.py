@@ -25,9 +25,9 @@ from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
 from .hooks import LinearInputHooks
 from .methods import METHODS, bitsandbytes_available, build_method
-from .models import common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
+from .models import bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
-from .perplexity import PerplexityResult, perplexity, top1_agreement
+from .perplexity import PerplexityChange, PerplexityResult, paired_change, perplexity, top1_agreement
 from .speed import decode_tokens_per_second, prefill_tokens_per_second
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
@@ -51,16 +51,37 @@ class Workload:
     tokenizer: object
     windows: torch.Tensor  # int64 [n_windows, seq_len], from the first 95 % of the corpus
     calibration: torch.Tensor  # int64 [CALIBRATION_WINDOWS, seq_len], from the held-out tail
+    bos_token_id: int | None = None  # the first token of every window (models trained with a BOS), else None
+    held_out: torch.Tensor | None = None  # int64 [T]: the held-out tail (last 5 %) the calibration windows come from
 
 
 def prepare(model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int) -> Workload:
-    """Load the fp32 model, tokenize the corpus and cut the deterministic windows."""
+    """Load the fp32 model, tokenize the corpus and cut the deterministic windows (each starting with
+    the model's BOS token where it has one: :func:`.models.bos_token_id`), for evaluation, calibration
+    and outlier statistics alike."""
     text = load_corpus(corpus)  # first: a missing corpus fails before the slow model load
     lm, tokenizer = load_model(model, gguf_file)
     evaluation, held_out = split_tokens(tokenize(tokenizer, text))
+    bos = bos_token_id(model, tokenizer)
     return Workload(
-        lm, tokenizer, token_windows(evaluation, n_windows, seq_len), token_windows(held_out, CALIBRATION_WINDOWS, seq_len)
+        lm, tokenizer, token_windows(evaluation, n_windows, seq_len, bos),
+        token_windows(held_out, CALIBRATION_WINDOWS, seq_len, bos), bos, held_out,
     )
+
+
+GPTQ_METHODS = ("llm_int8_gptq", "w8_gptq", "bitsandbytes_gptq")
+
+
+def rounding_for(work: Workload, methods: list[str], progress: ProgressFactory = _no_progress, n_windows: int | None = None):
+    """The GPTQ codes the ``*_gptq`` methods among ``methods`` need (None if there are none), calibrated on
+    windows of the first half of the held-out tail (:func:`calibration_split`; never an evaluation window)."""
+    if not any(m in GPTQ_METHODS for m in methods):
+        return None
+    from .rounding import gptq_rounding
+
+    calibration, _ = calibration_split(work.held_out, n_windows or GPTQ_WINDOWS, VALIDATION_WINDOWS,
+                                       work.windows.shape[1], work.bos_token_id)
+    return gptq_rounding(work.model, calibration, progress=progress("GPTQ calibration"))
 
 
 def calibrate(
@@ -72,12 +93,14 @@ def calibrate(
 
 def compare_methods(
     work: Workload, methods: list[str], plan: CalibrationPlan | None = None, progress: ProgressFactory = _no_progress,
-    done: dict[str, PerplexityResult] | None = None,
+    done: dict[str, PerplexityResult] | None = None, rounding=None,
 ) -> dict[str, PerplexityResult]:
     """Perplexity of every method on the same windows; each method runs on its own converted copy of the
-    model. ``done``: results already measured on these windows (not run again).
+    model. ``done``: results already measured on these windows (not run again). ``rounding``: the GPTQ
+    codes the ``*_gptq`` methods use (:func:`.rounding.gptq_rounding`).
 
-    With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32."""
+    With ``fp32`` among the methods, every result also gets its ``top1_agreement`` with fp32 and its
+    ``change`` against fp32 on the same tokens, with 95 % intervals (:func:`.perplexity.paired_change`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
@@ -86,13 +109,14 @@ def compare_methods(
         if done and name in done:
             results[name] = done[name]
             continue
-        model = build_method(work.model, name, {"calibration": plan})
+        model = build_method(work.model, name, {"calibration": plan, "rounding": rounding})
         results[name] = perplexity(model, work.windows, progress(name))
         del model
         _memory.trim_heap()  # the method's weights are freed: give their heap pages back before the next
     if "fp32" in results:
         for result in results.values():
             result.top1_agreement = top1_agreement(result, results["fp32"])
+            result.change = paired_change(result, results["fp32"])
     return results
 
 
@@ -315,7 +339,8 @@ def scale_model(
         done["fp32"] = perplexity(work.model, work.windows, progress("fp32 + outlier statistics"))
     report = find_outliers(tracker)
     plan = calibrate(work, progress, budget) if "llm_int8_calibrated" in methods else None
-    results = compare_methods(work, ["fp32", *[m for m in methods if m != "fp32"]], plan, progress, done)
+    rounding = rounding_for(work, methods, progress)
+    results = compare_methods(work, ["fp32", *[m for m in methods if m != "fp32"]], plan, progress, done, rounding)
     row = {
         "model": model,
         "title": model_title(model),
@@ -371,29 +396,92 @@ def peak_rss() -> int:
     return 0
 
 
+GPTQ_WINDOWS = 16  # calibration windows of the GPTQ rounding (16 x 512 = 8,192 held-out tokens by default)
+VALIDATION_WINDOWS = 4  # held-out windows, disjoint from the calibration ones, that decide whether a calibration is kept
+
+
+@dataclass
+class CalibrationCheck:
+    """Whether a calibrated method beat its uncalibrated baseline on validation windows (held out from the
+    same corpus, disjoint from the calibration windows and from every evaluation window)."""
+
+    method: str
+    baseline: str
+    kept: bool
+    change: PerplexityChange  # the method's perplexity against the baseline's, paired, on the validation windows
+    n_windows: int
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "baseline": self.baseline, "kept": self.kept, "change": self.change.to_dict(),
+                "n_windows": self.n_windows}
+
+
+def check_calibration(model: nn.Module, method: str, baseline: str, windows: torch.Tensor, context: dict) -> CalibrationCheck:
+    """Calibration never hurts: ``method`` (e.g. ``llm_int8_gptq``) is kept only if its perplexity on the
+    validation ``windows`` is lower than ``baseline``'s (e.g. ``llm_int8``) on the same tokens."""
+    base = perplexity(build_method(model, baseline, context), windows)
+    candidate = perplexity(build_method(model, method, context), windows)
+    change = paired_change(candidate, base)
+    return CalibrationCheck(method, baseline, change.change < 0.0, change, int(windows.shape[0]))
+
+
+def calibration_split(held_out: torch.Tensor, n_calibration: int, n_validation: int, seq_len: int, bos: int | None):
+    """(calibration windows, validation windows) from the held-out tail: its first half and its second half."""
+    calibration_part, validation_part = split_tokens(held_out, 0.5)
+    return (token_windows(calibration_part, n_calibration, seq_len, bos),
+            token_windows(validation_part, n_validation, seq_len, bos))
+
+
+def gptq_calibration(
+    model: str, gguf_file: str | None, corpus: str, n_windows: int = GPTQ_WINDOWS, seq_len: int = 512,
+    progress: ProgressFactory = _no_progress, n_validation: int = VALIDATION_WINDOWS,
+):
+    """(rounding or None, :class:`CalibrationCheck`): GPTQ codes (:func:`.rounding.gptq_rounding`) of the
+    float ``model`` from ``n_windows`` windows of the first half of ``corpus``'s held-out tail (its last 5 %,
+    never an evaluation window), kept only if LLM.int8() with them beats round-to-nearest on
+    ``n_validation`` windows of the tail's second half (else None: the caller keeps round-to-nearest).
+    The float model is freed after."""
+    from .rounding import gptq_rounding
+
+    text = load_corpus(corpus)
+    lm, tokenizer = load_model(model, gguf_file)
+    _, held_out = split_tokens(tokenize(tokenizer, text))
+    calibration, validation = calibration_split(held_out, n_windows, n_validation, seq_len, bos_token_id(model, tokenizer))
+    rounding = gptq_rounding(lm, calibration, progress=progress("GPTQ calibration"))
+    check = check_calibration(lm, "llm_int8_gptq", "llm_int8", validation, {"rounding": rounding})
+    del lm
+    gc.collect()
+    _memory.trim_heap()
+    return rounding if check.kept else None, check, rounding
+
+
 def quantize_to_disk(
-    model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0, force: bool = False
+    model: str, gguf_file: str | None, save: str | None, threshold: float = 6.0, force: bool = False, rounding=None,
 ) -> dict:
-    """Build the int8 model without the float one (:func:`.models.load_int8_model`) and ``save_pretrained``
-    it (with the tokenizer, where the model has one) to the directory ``save``, if given; returns the load
-    time, footprint and this process's peak RSS, and whether a tokenizer was saved.
+    """Build the int8 model without the float one (:func:`.models.load_int8_model`), write the GPTQ codes
+    of ``rounding`` into it if given (:func:`gptq_calibration`), and ``save_pretrained`` it (with the
+    tokenizer, where the model has one) to the directory ``save``, if given; returns the load time,
+    footprint and this process's peak RSS, and whether a tokenizer was saved.
 
     ``save`` is checked before the model loads (:func:`check_save_dir`: a file in the way, a non-empty
     directory without ``force``, a place that cannot be written all raise ValueError), and written
     whole or not at all (:func:`save_pretrained_whole`).
     """
     from ..integrations.hf import LLMInt8Config
+    from .rounding import apply_rounding
 
     if save:
         check_save_dir(save, force)
     start = time.perf_counter()
     lm, tokenizer = load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold), require_tokenizer=False)
+    if rounding is not None:
+        apply_rounding(lm, rounding)
     seconds = time.perf_counter() - start
     report = lm.hf_quantizer.report
     result = {
         "model": model, "title": model_title(model), "seconds": seconds, "footprint": memory_footprint(lm),
         "converted": len(report.converted), "kept": len(report.skipped), "peak_rss": peak_rss(),
-        "tokenizer": tokenizer is not None,
+        "tokenizer": tokenizer is not None, "rounding": None if rounding is None else rounding.to_dict(),
     }
     if save:
         save_pretrained_whole([lm] + ([tokenizer] if tokenizer is not None else []), save, force)

