@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences of the batched decode row (0: skip it)")
     parser.add_argument("--no-split", action="store_true", help="skip the per-part tables, only the side-by-side one")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a run cut short by a time limit keeps what it printed
     if args.tokens < 2:
         parser.error("--tokens must be at least 2 (the decode rate is timed after the first new token)")
     if args.anchor:
