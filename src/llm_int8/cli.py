@@ -134,7 +134,8 @@ def _workload(args):
 
 def cmd_demo(args, progress):
     result = ex.run_demo(
-        args.model, args.gguf_file, args.corpus, args.windows, args.seq_len, args.methods, progress, args.calib_budget / 100
+        args.model, args.gguf_file, args.corpus, args.windows, args.seq_len, args.methods, progress, args.calib_budget / 100,
+        anchor=not args.no_anchor,
     )
     mem = result["memory_bytes"]
     print(f"model {args.model}, corpus {args.corpus}: {result['n_windows']} windows x {result['seq_len']} tokens "
@@ -145,11 +146,17 @@ def cmd_demo(args, progress):
     print(_ppl_table(result["perplexity"], result["labels"]))
     print(f"bitsandbytes row: {result['bitsandbytes_mode']}")
     tps = result["tokens_per_second"]
-    print("\ntokens/s on this CPU (fp32 and int8 timed in turns, median of 5):")
-    print("  decode  = generate() of 32 new tokens after the prompt below (weight bytes per token matter)")
-    print(f"  prefill = one forward over a {result['seq_len']}-token window (arithmetic matters)")
+    print(f"\ntokens/s on this CPU ({result['threads']} threads; every engine timed in turns, median of 5):")
+    print("  decode  = generate() of 32 new tokens after the prompt below, its prefill included (weight bytes per token matter)")
+    print(f"  prefill = one forward over a {result['seq_len']}-token window, logits of the last position only, as generate() "
+          "computes them (arithmetic matters)")
+    print(f"  llama.cpp rows (Q8_0 and F32 of the same GGUF file): {result['anchor']}")
     rows = [[regime, name, f"{v:.1f}", f"{v / rates['fp32']:.2f}x"] for regime, rates in tps.items() for name, v in rates.items()]
     print(_table(["regime", "method", "tokens/s", "vs fp32"], rows))
+    if all("llama.cpp Q8_0" in rates for rates in tps.values()):
+        print("int8 / llama.cpp Q8_0: " + ", ".join(
+            f"{regime} {rates['llm_int8_calibrated'] / rates['llama.cpp Q8_0']:.2f}x" for regime, rates in tps.items()
+        ))
     print("\n" + _outlier_text(result["outliers"]))
     cal = result["calibration"]
     print(f"calibrated 16-bit columns stored: {result['calibrated_columns']} over all layers, {cal['fp_bytes'] / MiB:.2f} MiB "
@@ -414,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations", calibrated=True,
                figures=False)
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
+    demo.add_argument("--no-anchor", action="store_true", help="no llama.cpp rows in the speed table (they are added "
+                      "for a GGUF model where llama-cpp-python is installed: bash scripts/setup.sh --bench)")
     ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True, figures=False)
     ppl.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE1_METHODS)
     ppl.add_argument("--calib-windows", type=_positive_int, default=ex.GPTQ_WINDOWS, help="held-out windows the "

@@ -25,7 +25,9 @@ from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
 from .hooks import LinearInputHooks
 from .methods import METHODS, bitsandbytes_available, build_method
-from .models import bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, tokenize
+from .models import (
+    bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, resolve_model, tokenize,
+)
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
 from .perplexity import PerplexityChange, PerplexityResult, paired_change, perplexity, top1_agreement
 from .speed import decode_tokens_per_second, prefill_tokens_per_second
@@ -234,7 +236,7 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 def throughput(
     work: Workload, methods=("fp32", "llm_int8_calibrated"), plan=None, repeats: int = 5,
     new_tokens: int = DECODE_TOKENS, models: dict | None = None, progress: ProgressFactory = _no_progress,
-    single_thread_decode: bool = False,
+    single_thread_decode: bool = False, anchors: dict | None = None, prefill_logits_to_keep: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Tokens/s of each method, fp32 and int8 timed in turns, medians (see :mod:`.speed`).
 
@@ -244,7 +246,10 @@ def throughput(
     ``single_thread_decode`` adds ``decode, 1 thread``: the same with ``torch.set_num_threads(1)``, where
     no kernel pays for waking or waiting for a second thread (on a machine shared with other work, a
     few-row GEMM split over threads waits for the slowest).
-    ``models``, if given, maps method names to already built models.
+    ``models``, if given, maps method names to already built models. ``anchors`` maps names to
+    :class:`~llm_int8.eval.llamacpp.LlamaCppModel` engines of the same GGUF file, timed in the same
+    rounds on the same token ids (decode and prefill; not the single-thread row).
+    ``prefill_logits_to_keep``: see :func:`~llm_int8.eval.speed.prefill_tokens_per_second`.
     """
     models = dict(models or {})
     for name in methods:
@@ -253,7 +258,13 @@ def throughput(
     models = {name: models[name] for name in methods}
     prompt = tokenize(work.tokenizer, DEMO_PROMPT).unsqueeze(0)
     eos = work.tokenizer.eos_token_id
-    rates = {"decode": decode_tokens_per_second(models, prompt, new_tokens, repeats, eos, progress("decode tokens/s"))}
+    anchors = anchors or {}
+    window = work.windows[:1]
+    decode_others = {name: (lambda e=e: e.token_times(prompt[0].tolist(), new_tokens)) for name, e in anchors.items()}
+    prefill_others = {name: (lambda e=e: e.prefill(window[0].tolist())) for name, e in anchors.items()}
+    rates = {"decode": decode_tokens_per_second(
+        models, prompt, new_tokens, repeats, eos, progress("decode tokens/s"), others=decode_others
+    )}
     if single_thread_decode:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -263,15 +274,21 @@ def throughput(
             )
         finally:
             torch.set_num_threads(threads)
-    rates["prefill"] = prefill_tokens_per_second(models, work.windows[:1], repeats, progress=progress("prefill tokens/s"))
+    rates["prefill"] = prefill_tokens_per_second(
+        models, window, repeats, progress=progress("prefill tokens/s"), others=prefill_others,
+        logits_to_keep=prefill_logits_to_keep,
+    )
     return rates
 
 
 def run_demo(
     model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int,
     methods: list[str] | None = None, progress: ProgressFactory = _no_progress, budget: float = MEMORY_BUDGET,
+    anchor: bool = True,
 ) -> dict:
-    """Everything ``llm-int8 demo`` prints, as a dict (see ``cli.py`` for the presentation)."""
+    """Everything ``llm-int8 demo`` prints, as a dict (see ``cli.py`` for the presentation). With
+    ``anchor``, a GGUF model and llama-cpp-python installed, the speed table also times llama.cpp's
+    Q8_0 and F32 of the same file (:func:`llama_cpp_anchors`)."""
     start = time.perf_counter()
     methods = list(methods or DEMO_METHODS)
     bnb_mode = "bitsandbytes 0.50.2 itself (eval mode, CPU)"
@@ -288,7 +305,13 @@ def run_demo(
     results = compare_methods(work, methods, plan, progress)
     int8_model = build_method(work.model, "llm_int8_calibrated", {"calibration": plan})
     compared = {"fp32": work.model, "llm_int8_calibrated": int8_model}
-    rates = throughput(work, tuple(compared), plan, models=compared, progress=progress)
+    anchors, anchor_note = llama_cpp_anchors(model, gguf_file, work, DECODE_TOKENS) if anchor else ({}, "off (--no-anchor)")
+    try:
+        rates = throughput(work, tuple(compared), plan, models=compared, progress=progress, anchors=anchors,
+                           prefill_logits_to_keep=1)
+    finally:
+        for engine in anchors.values():
+            engine.close()
     continuations = {
         label: greedy_tokens(model, work.tokenizer, DEMO_PROMPT, GENERATION_TOKENS)
         for label, model in progress("greedy continuation")(list(zip(("fp32", "int8"), compared.values())))
@@ -302,6 +325,8 @@ def run_demo(
         "labels": {name: METHODS[name].label for name in results},
         "bitsandbytes_mode": bnb_mode,
         "tokens_per_second": rates,
+        "threads": torch.get_num_threads(),
+        "anchor": anchor_note,
         "outliers": report,
         "calibrated_columns": sum(len(c) for c in plan.columns.values()),
         "calibration": {"budget": plan.budget, "fp_bytes": plan.fp_bytes, "int8_bytes": plan.int8_bytes},
@@ -311,6 +336,31 @@ def run_demo(
         "generation_common_prefix": common_prefix_length(continuations["fp32"], continuations["int8"]),
         "seconds": {"load": loaded - start, "total": time.perf_counter() - start},
     }
+
+
+def llama_cpp_anchors(model: str, gguf_file: str | None, work: Workload, new_tokens: int) -> tuple[dict, str]:
+    """({"llama.cpp Q8_0": engine, "llama.cpp F32": engine}, a line saying what they are) for the GGUF
+    file of ``model``, requantized by llama.cpp (cached) and loaded with torch's thread count; no
+    engines, and the line saying why, where llama-cpp-python is not installed or the model is no GGUF."""
+    from . import llamacpp
+
+    if not llamacpp.available():
+        return {}, f"none: {llamacpp.INSTALL}"
+    directory, gguf = resolve_model(model, gguf_file)
+    if gguf is None:
+        return {}, "none: the model is not a GGUF file"
+    threads = torch.get_num_threads()
+    n_ctx = max(work.windows.shape[1], len(tokenize(work.tokenizer, DEMO_PROMPT)) + new_tokens) + 16
+    engines = {}
+    try:
+        for file_type in llamacpp.FILE_TYPES:
+            path = llamacpp.requantize(directory / gguf, file_type, threads)
+            engines[f"llama.cpp {file_type}"] = llamacpp.LlamaCppModel(path, threads, n_ctx, work.windows.shape[1])
+    except BaseException:
+        for engine in engines.values():
+            engine.close()
+        raise
+    return engines, f"{llamacpp.describe()}; {threads} threads, given the same token ids"
 
 
 SCALE_MODELS = ["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
