@@ -76,6 +76,8 @@ def main() -> None:
                         help="the llama.cpp file types to time (default: both)")
     parser.add_argument("--batch", type=int, default=8, help="sequences of the batched decode row (0: skip it)")
     parser.add_argument("--no-split", action="store_true", help="skip the per-part tables, only the side-by-side one")
+    parser.add_argument("--lean", action="store_true", help="the int8 model decodes under llm_int8.lean_decoding "
+                        "(torch's small ops on one thread, the int8 kernels on all)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # a run cut short by a time limit keeps what it printed
     if args.tokens < 2:
@@ -98,6 +100,10 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     fp32, tokenizer = load_model(args.model)
     int8 = build_method(fp32, "llm_int8")
+    if args.lean:
+        import llm_int8
+
+        llm_int8.lean_decoding(int8)
     head = fp32.get_output_embeddings()
     converted = set(select_layers(fp32)[0])
     kinds = {
