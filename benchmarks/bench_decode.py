@@ -76,6 +76,8 @@ def main() -> None:
                         help="the llama.cpp file types to time (default: both)")
     parser.add_argument("--batch", type=int, default=8, help="sequences of the batched decode row (0: skip it)")
     parser.add_argument("--no-split", action="store_true", help="skip the per-part tables, only the side-by-side one")
+    parser.add_argument("--int8-head", action="store_true", help="the int8 model's output head in int8 too "
+                        "(quantize_head; an untied head only)")
     parser.add_argument("--lean", action="store_true", help="the int8 model decodes under llm_int8.lean_decoding "
                         "(torch's small ops on one thread, the int8 kernels on all)")
     args = parser.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
     import transformers
 
     from llm_int8 import Linear8bitLt, memory_footprint
-    from llm_int8.convert import select_layers
+    from llm_int8.convert import output_head_name, select_layers
     from llm_int8.eval.methods import build_method
     from llm_int8.eval.models import load_model, model_title, tokenize
     from llm_int8.eval.data import load_corpus
@@ -100,6 +102,14 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     fp32, tokenizer = load_model(args.model)
     int8 = build_method(fp32, "llm_int8")
+    if args.int8_head:
+        head_name = output_head_name(int8)
+        float_head = int8.get_submodule(head_name)
+        if any(float_head.weight is m.weight for m in int8.modules() if isinstance(m, torch.nn.Embedding)):
+            parser.exit(2, "bench_decode.py: error: --int8-head takes an untied head; this model's is tied to its "
+                           "embedding (quantize it with Int8Config(quantize_head=True) instead)\n")
+        parent, _, child = head_name.rpartition(".")
+        setattr(int8.get_submodule(parent), child, Linear8bitLt.from_linear(float_head))
     if args.lean:
         import llm_int8
 
@@ -120,7 +130,7 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"model: {model_title(args.model)}; memory fp32 {memory_footprint(fp32) / 2**20:.0f} MiB, "
-          f"int8 {memory_footprint(int8) / 2**20:.0f} MiB (embedding and head float)")
+          f"int8 {memory_footprint(int8) / 2**20:.0f} MiB (embedding float, head {'int8' if args.int8_head else 'float'})")
     if args.no_split:
         side_by_side(args, fp32, int8, tokenizer, prompt)
         return
