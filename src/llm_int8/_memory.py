@@ -119,6 +119,19 @@ def release_file_range(file_mappings: list[Mapping], file_offset: int, nbytes: i
     return released
 
 
+def status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` in bytes, e.g. ``VmRSS`` (resident now) or ``VmHWM`` (peak
+    resident); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def resident_bytes(address: int, nbytes: int) -> int:
     """Bytes of the pages overlapping [address, address + nbytes) that are present in this process's
     page tables (``/proc/self/pagemap``); 0 where it cannot be read."""

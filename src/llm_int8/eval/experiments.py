@@ -436,14 +436,7 @@ def run_scale(
 
 def peak_rss() -> int:
     """This process's peak resident set so far, in bytes (Linux ``VmHWM``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _memory.status_bytes("VmHWM")
 
 
 GPTQ_WINDOWS = 16  # calibration windows of the GPTQ rounding (16 x 512 = 8,192 held-out tokens by default)

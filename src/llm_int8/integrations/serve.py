@@ -377,14 +377,7 @@ def startup_text(served: ServedModel, url: str, continuous_batching: bool, rss_b
 
 def rss_bytes() -> int:
     """This process's resident set now, in bytes (Linux ``VmRSS``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _memory.status_bytes("VmRSS")
 
 
 __all__ = [
