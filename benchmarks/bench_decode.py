@@ -116,9 +116,11 @@ def main() -> None:
         llm_int8.lean_decoding(int8)
     head = fp32.get_output_embeddings()
     converted = set(select_layers(fp32)[0])
+    int8_head = int8.get_output_embeddings()  # (with --int8-head a Linear8bitLt, timed as the head only)
     kinds = {
         "fp32": {"linears": [m for n, m in fp32.named_modules() if n in converted], "head": [head]},
-        "int8": {"linears": [m for m in int8.modules() if isinstance(m, Linear8bitLt)], "head": [int8.get_output_embeddings()]},
+        "int8": {"linears": [m for m in int8.modules() if isinstance(m, Linear8bitLt) and m is not int8_head],
+                 "head": [int8_head]},
     }
     models = {"fp32": fp32, "int8": int8}
     prompt = tokenize(tokenizer, DEMO_TEXT).unsqueeze(0)

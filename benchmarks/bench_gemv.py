@@ -1,14 +1,16 @@
 """Question: does the int8 forward at M = 1 ... 8 rows (decoding) stream its weight at the machine's
-read bandwidth?
+read bandwidth, or, where it cannot, at the kernel's arithmetic bound?
 
 For each layer shape, enough copies of an int8 weight to exceed the last-level cache (``--mib``,
 default 384 MiB in all) are called in turn, as a model's layers are during a decoding step, so every
 call reads its weight from memory. Beside them, interleaved round by round, a plain read of the same
-number of bytes (``torch.sum`` over float32 buffers of the same size, on the same threads): the
-machine's read bandwidth as torch's own vectorized loop reaches it. Both are medians over
-``--repeats`` rounds; the table gives GB/s of weight read per call and its ratio to the plain read.
-On a busy machine both drop together; the ratio is what the kernel controls. With one thread the
-table also gives GB/s per second of the process's CPU time (what preemption does not inflate).
+bytes on as many threads (a vectorized C loop run on Python threads, so no OpenMP fork-join is timed):
+the machine's read bandwidth. And the same kernel on one copy of the first rows of the weight (up to 4 MiB),
+called over and over so that it stays in cache: the arithmetic bound at this M, as GB/s of weight it
+would stream if memory were free. The kernel cannot beat the smaller of the two ("bound"); ``/read`` and
+``/bound`` are its ratios to them. All are medians over ``--repeats`` rounds. On a busy machine all
+drop together; the ratios are what the kernel controls. With one thread the table also gives GB/s per
+second of the process's CPU time (what preemption does not inflate).
 
     python benchmarks/bench_gemv.py [--threads 2 1] [--rows 1 2 4 8] [--isa avx2 avx512_vnni] [--repeats 7]
 """
@@ -44,21 +46,35 @@ __attribute__((target("avx2"))) uint64_t plain_read(const uint8_t *p, int64_t n)
     for (; i < n; i++) r ^= p[i];
     return r;
 }
+/* Part `part` of `parts` of each of the `count` buffers of `size` bytes at ptrs: one thread's share of
+ * a round over every weight, in one call (so no per-weight Python overhead is timed). */
+uint64_t plain_read_parts(const uint8_t **ptrs, int64_t count, int64_t size, int64_t part, int64_t parts)
+{
+    const int64_t step = (size + parts - 1) / parts, lo = part * step;
+    const int64_t n = lo >= size ? 0 : (size - lo < step ? size - lo : step);
+    uint64_t r = 0;
+    for (int64_t c = 0; c < count; c++) r ^= plain_read(ptrs[c] + lo, n);
+    return r;
+}
 """
 
 
 def plain_reader():
-    """The C function plain_read(pointer, bytes), compiled into a temporary library."""
+    """The C function plain_read_parts(pointers, count, bytes, part, parts), compiled into a temporary library."""
     folder = tempfile.mkdtemp(prefix="bench_gemv_")
     source, library = os.path.join(folder, "read.c"), os.path.join(folder, "read.so")
     with open(source, "w") as f:
         f.write(READ_SOURCE)
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, source], check=True)
-    fn = ctypes.CDLL(library).plain_read
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_uint64
+    fn = ctypes.CDLL(library).plain_read_parts
+    fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_uint64
     return fn
 
 # (K, N): Qwen2.5-1.5B's linears (q/o, k/v, gate/up, down), SmolLM2-135M's MLP, a 4096 x 4096 layer.
+HOT_BYTES = 4 << 20  # the cached weight: within the last-level cache (and the L2s' sum on small CPUs)
+NR_HOT = 128
+
 SHAPES = [(1536, 1536), (1536, 256), (1536, 8960), (8960, 1536), (576, 1536), (4096, 4096)]
 
 
@@ -82,17 +98,16 @@ def main() -> None:
           "rounds; read = a plain vectorized read of the same weights on as many threads, interleaved")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'threads':>7} {'K':>5} {'N':>5} {'M':>2} {'read GB/s':>9} " + " ".join(
-        f"{isa + ' GB/s':>16} {'/read':>5}" for isa in isas))
+        f"{isa + ' GB/s':>16} {'/read':>5} {'cached':>6} {'/bound':>6}" for isa in isas))
     torch.manual_seed(0)
     default_threads = torch.get_num_threads()
     read = plain_reader()
     pool = ThreadPoolExecutor(max(args.threads))
 
     def read_all(weights, threads):
-        for w in weights:
-            size = w.numel()
-            step = -(-size // threads)
-            list(pool.map(lambda lo: read(w.data_ptr() + lo, min(step, size - lo)), range(0, size, step)))
+        ptrs = (ctypes.c_void_p * len(weights))(*(w.data_ptr() for w in weights))
+        size = weights[0].numel()
+        list(pool.map(lambda part: read(ptrs, len(weights), size, part, threads), range(threads)))
 
     for k, n in SHAPES:
         copies = max(2, args.mib * 2**20 // (n * k))
@@ -103,9 +118,13 @@ def main() -> None:
             for m in args.rows:
                 x = torch.randn(m, k)
                 runs = {"read": lambda: read_all(weights, threads)}
+                # one weight that stays in cache (at most HOT_BYTES of the first rows), called over and over
+                hot = weights[0][: max(NR_HOT, min(n, HOT_BYTES // k))].clone()
                 for isa in isas:
                     runs[isa] = lambda isa=isa: [
                         _native.mixed_linear(x, w, scales, None, 6.0, isa=isa) for w in weights]
+                    runs[isa + " cached"] = lambda isa=isa: [
+                        _native.mixed_linear(x, hot, scales[: hot.shape[0]], None, 6.0, isa=isa) for _ in weights]
                 times = {name: [] for name in runs}
                 cpu = {name: [] for name in runs}
                 for round_index in range(args.repeats + 1):
@@ -115,14 +134,18 @@ def main() -> None:
                         if round_index:  # round 0 warms up (and checks each layer once)
                             times[name].append((time.perf_counter() - start) / copies)
                             cpu[name].append((time.process_time() - start_cpu) / copies)
-                rate = {name: n * k / statistics.median(t) / 1e9 for name, t in times.items()}
+                rate = {name: (hot.numel() if name.endswith(" cached") else n * k) / statistics.median(t) / 1e9
+                        for name, t in times.items()}
                 line = f"{threads:>7} {k:>5} {n:>5} {m:>2} {rate['read']:>9.1f} " + " ".join(
-                    f"{rate[isa]:>16.1f} {rate[isa] / rate['read']:>5.2f}" for isa in isas)
+                    f"{rate[isa]:>16.1f} {rate[isa] / rate['read']:>5.2f} {rate[isa + ' cached']:>6.1f} "
+                    f"{rate[isa] / min(rate['read'], rate[isa + ' cached']):>6.2f}" for isa in isas)
                 if threads == 1:  # one thread: bytes per second of the process's CPU time, which a busy
                     # machine's preemption does not inflate (memory stalls still count)
-                    on_cpu = {name: n * k / statistics.median(t) / 1e9 for name, t in cpu.items()}
+                    on_cpu = {name: (hot.numel() if name.endswith(" cached") else n * k) / statistics.median(t) / 1e9
+                              for name, t in cpu.items()}
                     line += "   on-CPU GB/s: read " + f"{on_cpu['read']:.1f} " + " ".join(
-                        f"{isa} {on_cpu[isa]:.1f} ({on_cpu[isa] / on_cpu['read']:.2f})" for isa in isas)
+                        f"{isa} {on_cpu[isa]:.1f} cached {on_cpu[isa + ' cached']:.1f} "
+                        f"(/bound {on_cpu[isa] / min(on_cpu['read'], on_cpu[isa + ' cached']):.2f})" for isa in isas)
                 print(line, flush=True)
         del weights
     torch.set_num_threads(default_threads)
