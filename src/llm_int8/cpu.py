@@ -2,7 +2,7 @@
 
 The int8 GEMM path is chosen per machine (``gemm_path``):
 
-* ``avx512_vnni`` / ``avx2``: our native kernel (``csrc/int8_gemm_avx2.c``, built on first use) with
+* ``avx512_vnni`` / ``avx2``: our native kernel (``csrc/*.c``, built on first use) with
   its AVX-512 VNNI micro-kernel where the CPU has one (on Zen 4 it measured faster than both the
   AVX2 micro-kernel and ``torch._int_mm`` plus a dequantization epilogue, see the README), else
   its AVX2 one. The AVX2 micro-kernel needs a's codes in [-127, 127]; an ``a`` holding -128 takes
