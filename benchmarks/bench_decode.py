@@ -7,6 +7,10 @@ at each thread count asked for. Forward hooks split each step's wall time into t
 layers (nn.Linear in fp32, Linear8bitLt in int8), the output head (float in both) and the rest
 (attention, norms, embedding, the model's Python); the figures are per generated token, medians over
 ``--repeats`` rounds. The hooks themselves cost a few microseconds per layer call, the same for both.
+Exactly ``--tokens`` tokens come out of every ``generate()`` here because the end-of-text tokens are
+masked (``llm_int8.eval.speed.exact_length``), not through ``min_new_tokens``, whose processor builds a
+vocabulary-wide mask every step (~1.4 ms on Qwen's 151936 ids): harness cost that llama.cpp's loop has
+not either.
 Then, with ``--prefill T`` (default 512; 0 skips it), one forward over the first T tokens of
 Shakespeare, split the same way, at the default thread count. ``--no-split`` skips these tables.
 
@@ -97,7 +101,7 @@ def main() -> None:
     from llm_int8.eval.methods import build_method
     from llm_int8.eval.models import load_model, model_title, tokenize
     from llm_int8.eval.data import load_corpus
-    from llm_int8.eval.speed import cpu_name
+    from llm_int8.eval.speed import cpu_name, exact_length
 
     transformers.utils.logging.disable_progress_bar()
     fp32, tokenizer = load_model(args.model)
@@ -126,8 +130,8 @@ def main() -> None:
     prompt = tokenize(tokenizer, DEMO_TEXT).unsqueeze(0)
 
     def generate(model):
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
-                       min_new_tokens=args.tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                       pad_token_id=tokenizer.eos_token_id, **exact_length(model, args.tokens))
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")

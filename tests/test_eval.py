@@ -555,8 +555,14 @@ def test_speed_times_every_model_in_turns_and_asks_for_exactly_the_new_tokens():
             super().__init__()
             self.name = name
 
+        generation_config = SimpleNamespace(eos_token_id=[2, 4])
+
         def generate(self, ids, **kwargs):
-            calls.append((self.name, kwargs["max_new_tokens"], kwargs["min_new_tokens"], kwargs["do_sample"]))
+            # exactly max_new_tokens: the end-of-text ids can never be chosen (min_new_tokens' effect)
+            (mask,) = kwargs["logits_processor"]
+            scores = mask(ids, torch.zeros(1, 6))
+            masked = tuple(torch.nonzero(scores[0] == -float("inf")).flatten().tolist())
+            calls.append((self.name, kwargs["max_new_tokens"], masked, kwargs["do_sample"]))
             return torch.cat([ids, torch.zeros(1, kwargs["max_new_tokens"], dtype=ids.dtype)], dim=1)
 
         def forward(self, input_ids):
@@ -567,7 +573,7 @@ def test_speed_times_every_model_in_turns_and_asks_for_exactly_the_new_tokens():
     assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
     # one warm-up each, then rounds in turns a, b, a, b; always exactly 5 greedy tokens
     assert [c[0] for c in calls] == ["a", "b", "a", "b", "a", "b"]
-    assert all(c[1:] == (5, 5, False) for c in calls)
+    assert all(c[1:] == (5, (2, 4), False) for c in calls)
 
     calls.clear()
     rates = speed.prefill_tokens_per_second(models, torch.zeros(2, 4, dtype=torch.int64), repeats=1)
