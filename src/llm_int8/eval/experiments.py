@@ -20,6 +20,7 @@ from .. import functional as F
 from ..checkpoint import save_checkpoint
 from ..convert import memory_footprint
 from ..nn import Linear8bitLt
+from ..reference import outlier_column_mask
 from . import baselines
 from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
@@ -169,7 +170,7 @@ class _DecompositionCounter(LinearInputHooks):
     def layer_output(self, name, module, site, x, y):
         if isinstance(module, Linear8bitLt):
             if module.threshold > 0:
-                self.decomposed += int((x.reshape(-1, module.in_features).abs() >= module.threshold).any(dim=0).sum())
+                self.decomposed += int(outlier_column_mask(x.reshape(-1, module.in_features), module.threshold).sum())
             self.total += module.in_features
 
     @property
