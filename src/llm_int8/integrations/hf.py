@@ -44,7 +44,7 @@ from .. import functional as F  # noqa: E402
 from ..checkpoint import read_safetensors_header  # noqa: E402
 from ..convert import (  # noqa: E402
     Int8Config, QuantizeReport, default_skip_modules, is_convertible, linear_weight, memory_footprint, output_head_name,
-    quantize_, share_tied_scales,
+    quantize_, replace_modules, share_tied_scales,
 )
 from ..nn import Embedding8bit, Linear8bitLt  # noqa: E402
 
@@ -351,15 +351,14 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """Replace every ``Linear8bitLt`` by an ``nn.Linear`` holding its dequantized weight."""
-        targets = [name for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
         tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, Embedding8bit)}
-        for name in [name for name, m in model.named_modules() if isinstance(m, Embedding8bit)]:
-            module = model.get_submodule(name)
+
+        def float_embedding(module, name):
             embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
             embedding.weight = nn.Parameter(module.dequantize(dtype or module.dtype), requires_grad=False)
-            model.set_submodule(name, embedding)
-        for name in targets:
-            module = model.get_submodule(name)
+            return embedding
+
+        def float_linear(module, name):
             weight = module.dequantize(dtype or torch.float32)
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -367,7 +366,10 @@ class LLMInt8HfQuantizer(HfQuantizer):
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
             if id(module.weight) in tables:  # an int8 head tied to an int8 embedding: tied again, in float
                 linear.weight = model.get_submodule(tables[id(module.weight)]).weight
-            model.set_submodule(name, linear)
+            return linear
+
+        replace_modules(model, lambda module, name: isinstance(module, Embedding8bit), float_embedding)
+        replace_modules(model, lambda module, name: isinstance(module, Linear8bitLt), float_linear)
         return model
 
 
