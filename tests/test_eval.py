@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import plan_from_tracker
 from llm_int8 import Linear8bitLt
 from llm_int8.eval import baselines, data, methods, outliers
 from llm_int8.convert import memory_footprint, quantize_
@@ -438,7 +439,7 @@ def test_calibration_keeps_the_dim_that_sets_the_row_scale_below_alpha():
     assert plan.n_positions == 2 * (SEQ - 1)  # position 0 of each window left out
     # the earlier count rule (|x| >= 6 at >= 1 % of the positions) sees nothing there
     tracker = _tracked(model, _windows(2))
-    assert all(cols == [] for cols in calibrate.plan_from_tracker(tracker).columns.values())
+    assert all(cols == [] for cols in plan_from_tracker(tracker).columns.values())
 
 
 def test_calibration_counts_run_time_outliers_by_their_weight_noise():
@@ -488,12 +489,12 @@ def test_calibration_needs_the_float_model():
 def test_plan_from_tracker_keeps_the_count_rule():
     model = TinyLM([{3: 20.0, 10: 8.0}] * N_BLOCKS, {3: list(range(SEQ)), 10: [0]})
     tracker = _tracked(model, _windows(2))
-    plan = calibrate.plan_from_tracker(tracker, min_position_share=0.05)
+    plan = plan_from_tracker(tracker, min_position_share=0.05)
     for b in range(N_BLOCKS):
         assert plan.columns[f"layers.{b}.up"] == [3]  # dim 10 is at 2 % of positions: left to run time
         assert plan.columns[f"layers.{b}.gate"] == [3]
         assert plan.columns[f"layers.{b}.down"] == []
-    assert calibrate.plan_from_tracker(tracker, min_position_share=0.0).columns["layers.0.up"] == [3, 10]
+    assert plan_from_tracker(tracker, min_position_share=0.0).columns["layers.0.up"] == [3, 10]
 
 
 def test_quantize_calibrated_stores_16bit_columns_and_is_exact_on_them():

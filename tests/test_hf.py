@@ -25,7 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import llm_int8  # noqa: E402
+from helpers import resident_bytes  # noqa: E402
 from llm_int8 import Linear8bitLt, _memory  # noqa: E402
+from llm_int8._ops import INT8_MAX  # noqa: E402
 from llm_int8.integrations import hf as hf_integration  # noqa: E402
 from llm_int8.integrations.hf import LLMInt8Config, quantize_model  # noqa: E402
 
@@ -33,7 +35,6 @@ VOCAB = 256
 HIDDEN = 64
 LAYERS = 2
 SEQ = 12
-INT8_MAX = 127
 # Int8 matmuls that follow each other in one decoder layer: attention in, attention out, MLP in, MLP out.
 MATMULS_PER_LAYER = 4
 # Vector-wise quantization rounds each operand to within half a step of absmax / 127. For rows whose
@@ -276,7 +277,7 @@ def _page_file(tmp_path, pages):
 
 
 def _resident_pages(address, pages):
-    return [_memory.resident_bytes(address + i * PAGE, 1) // PAGE for i in range(pages)]
+    return [resident_bytes(address + i * PAGE, 1) // PAGE for i in range(pages)]
 
 
 def test_release_pages_never_touches_anonymous_memory():
@@ -380,11 +381,11 @@ def test_mappings_made_before_loading_are_left_alone(checkpoints):
     with safe_open(checkpoints["llama"] / "model.safetensors", framework="pt") as f:
         weight = f.get_tensor("model.layers.0.mlp.down_proj.weight")
     weight.sum()
-    resident = _memory.resident_bytes(weight.data_ptr(), weight.nbytes)
+    resident = resident_bytes(weight.data_ptr(), weight.nbytes)
     assert resident >= weight.nbytes
     q = _load(checkpoints["llama"], quantization_config=LLMInt8Config())
     assert q.hf_quantizer.checkpoint_bytes_released > 0
-    assert _memory.resident_bytes(weight.data_ptr(), weight.nbytes) == resident
+    assert resident_bytes(weight.data_ptr(), weight.nbytes) == resident
 
 
 # --------------------------------------------------------------------------------------------

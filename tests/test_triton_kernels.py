@@ -36,6 +36,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import llm_int8.triton as triton_kernels  # noqa: E402
+from helpers import kernel_backend  # noqa: E402
 from llm_int8 import cuda, dispatch, reference  # noqa: E402
 from llm_int8.triton import int8_matmul, quant  # noqa: E402
 
@@ -513,12 +514,12 @@ def test_kernels_compile_for_hopper():
 
 
 def test_dispatch_routes_by_device_and_explains_a_missing_gpu_path(monkeypatch):
-    assert dispatch.kernel_backend("cpu") == "cpu"
+    assert kernel_backend("cpu") == "cpu"
     if ON_GPU:
-        assert dispatch.kernel_backend("cuda") == "triton"
+        assert kernel_backend("cuda") == "triton"
         dispatch.require_gpu_path()
     else:
-        assert dispatch.kernel_backend("cuda") == "reference" and dispatch.registered_cuda_kernels() == {}
+        assert kernel_backend("cuda") == "reference" and dispatch.registered_cuda_kernels() == {}
         with pytest.raises(RuntimeError, match="GPU path is unavailable: PyTorch sees no CUDA device"):
             dispatch.require_gpu_path()
     monkeypatch.setattr(dispatch.importlib.util, "find_spec", lambda name: None)
