@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_int8 import _memory, dispatch, reference
+from llm_int8 import _memory, dispatch, functional, reference
 from llm_int8._ops import INT8_MAX
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -28,6 +28,15 @@ def make_input(m, k, dtype=torch.float32, n_outlier_cols=0, scale=30.0, seed=0, 
 def make_weight(n, k, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, k, generator=g) / max(k, 1) ** 0.5).to(dtype)
+
+
+def linear_case(dtype, m, k, n, threshold, n_outliers, bias=True, shape=None):
+    """(x, float weight, weight_int8, weight_absmax, bias): a linear layer's case for the ops."""
+    x = make_input(m, k, dtype, n_outlier_cols=n_outliers, shape=shape)
+    weight = make_weight(n, k, dtype)
+    weight_int8, weight_absmax = functional.quantize_weight(weight)
+    b = torch.randn(n).to(dtype) if bias else None
+    return x, weight, weight_int8, weight_absmax, b
 
 
 def decomposition(x2, weight_int8, weight_absmax, threshold):

@@ -52,7 +52,8 @@ from llm_int8 import Linear8bitLt
 saved, float_path, out = sys.argv[1:4]
 ids = torch.arange(2, 14).view(1, -1)
 result = {{}}
-for key, kwargs in (("saved", {{}}), ("on_load", {{"quantization_config": llm_int8.LLMInt8Config()}})):
+for key in ("saved", "on_load"):  # (LLMInt8Config is looked up after the saved load: that import registers too)
+    kwargs = {{}} if key == "saved" else {{"quantization_config": llm_int8.LLMInt8Config()}}
     model = AutoModelForCausalLM.from_pretrained(saved if key == "saved" else float_path, **kwargs).eval()
     layers = [name for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
     assert layers, f"{{key}}: no Linear8bitLt after from_pretrained"
