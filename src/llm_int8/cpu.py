@@ -24,7 +24,7 @@ import math
 import torch
 
 from . import _native
-from ._ops import INT8_MAX, NAMESPACE
+from ._ops import INT8_MAX, register_kernels
 from .reference import decomposed_columns, quantize_rows, row_absmax
 from .reference import int8_vectorwise_quant as _reference_vectorwise_quant
 
@@ -157,10 +157,4 @@ def eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, 
     return out.to(x.dtype)
 
 
-for _name, _fn in [
-    ("int8_vectorwise_quant", int8_vectorwise_quant),
-    ("int8_linear_matmul", int8_linear_matmul),
-    ("int8_mm_dequant", int8_mm_dequant),
-    ("int8_mixed_linear", int8_mixed_linear),
-]:
-    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "cpu", _fn)
+register_kernels("cpu", globals())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import INT8_MAX, NAMESPACE
+from ._ops import INT8_MAX, register_kernels
 
 
 def quantize_rows(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -129,10 +129,4 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
     return out.to(x.dtype)
 
 
-for _name, _fn in [
-    ("int8_vectorwise_quant", int8_vectorwise_quant),
-    ("int8_linear_matmul", int8_linear_matmul),
-    ("int8_mm_dequant", int8_mm_dequant),
-    ("int8_mixed_linear", int8_mixed_linear),
-]:
-    torch.library.register_kernel(f"{NAMESPACE}::{_name}", None, _fn)
+register_kernels(None, globals())
