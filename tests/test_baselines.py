@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz_cases import FLOAT_DTYPES, HALF_CODE_STEP, QUANT_SLACK, gamma
+from llm_int8._ops import INT8_MAX
 from llm_int8.eval import baselines
 
 pytestmark = pytest.mark.usefixtures("restore_torch_rng")  # leave the global RNG as found

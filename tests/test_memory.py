@@ -4,6 +4,7 @@ written pages; the /proc/self/status reader. (The quantizer's use of it while lo
 from __future__ import annotations
 
 import ctypes
+import os
 import mmap
 
 import pytest
