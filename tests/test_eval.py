@@ -639,3 +639,21 @@ def test_llama_cpp_anchor_says_how_to_install_it_and_checks_its_arguments(tmp_pa
     with pytest.raises(ImportError, match=r"scripts/setup.sh --bench"):
         llamacpp.requantize(tmp_path / "m.gguf", "Q8_0", threads=1)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_demo_leaves_the_bf16_row_out_where_the_cpu_has_no_bf16(monkeypatch):
+    from llm_int8.eval import experiments, speed
+
+    monkeypatch.setattr(experiments, "native_bf16", lambda: True)
+    assert experiments.demo_methods() == (experiments.DEMO_METHODS, {})
+    monkeypatch.setattr(experiments, "native_bf16", lambda: False)
+    methods, left_out = experiments.demo_methods()
+    assert methods == [m for m in experiments.DEMO_METHODS if m != "bf16"] and list(left_out) == ["bf16"]
+    assert "no bfloat16 instructions" in left_out["bf16"]
+    # /proc/cpuinfo's flags decide; a machine that cannot tell keeps the row
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: "fpu avx2 fma" if field == "flags" else None)
+    assert not speed.native_bf16()
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: "fpu avx512f avx512_bf16" if field == "flags" else None)
+    assert speed.native_bf16()
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: None)
+    assert speed.native_bf16()

@@ -145,6 +145,8 @@ def cmd_demo(args, progress):
     print("\nperplexity (same windows for every method):")
     print(_ppl_table(result["perplexity"], result["labels"]))
     print(f"bitsandbytes row: {result['bitsandbytes_mode']}")
+    for name, why in result["left_out"].items():
+        print(f"{METHODS[name].label} row left out: {why}; add it with --methods {' '.join(ex.DEMO_METHODS)}")
     tps = result["tokens_per_second"]
     print(f"\ntokens/s on this CPU ({result['threads']} threads; every engine timed in turns, median of 5):")
     print("  decode  = generate() of 32 new tokens after the prompt below, its prefill included (weight bytes per token matter)")

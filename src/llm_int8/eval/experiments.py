@@ -31,7 +31,7 @@ from .models import (
 )
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
 from .perplexity import PerplexityChange, PerplexityResult, paired_change, perplexity, top1_agreement
-from .speed import decode_tokens_per_second, prefill_tokens_per_second
+from .speed import decode_tokens_per_second, native_bf16, prefill_tokens_per_second
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
 SWEEP_ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
@@ -40,6 +40,18 @@ DECODE_TOKENS = 32  # new tokens per timed generate() in the decode throughput
 GENERATION_TOKENS = 24  # new tokens of the greedy continuation shown fp32 vs int8
 DEMO_METHODS = ["fp32", "bf16", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
 CALIBRATION_WINDOWS = 2
+
+
+def demo_methods() -> tuple[list[str], dict[str, str]]:
+    """The perplexity table's default methods on this machine (``DEMO_METHODS`` less what it leaves out),
+    and, for each method left out, why (a sentence the demo prints)."""
+    left_out = {}
+    if not native_bf16():
+        left_out["bf16"] = (
+            "this CPU has no bfloat16 instructions (no AVX512_BF16 / AMX), so torch emulates the bf16 matmuls, "
+            "slower than fp32: the row would take the longest of all to confirm that bf16 is as accurate as fp32"
+        )
+    return [m for m in DEMO_METHODS if m not in left_out], left_out
 
 
 def _no_progress(_desc):
@@ -291,7 +303,7 @@ def run_demo(
     ``anchor``, a GGUF model and llama-cpp-python installed, the speed table also times llama.cpp's
     Q8_0 and F32 of the same file (:func:`llama_cpp_anchors`)."""
     start = time.perf_counter()
-    methods = list(methods or DEMO_METHODS)
+    methods, left_out = (list(methods), {}) if methods else demo_methods()
     bnb_mode = "bitsandbytes 0.50.2 itself (eval mode, CPU)"
     if "bitsandbytes" in methods and not bitsandbytes_available():
         methods[methods.index("bitsandbytes")] = "bnb_emulated"
@@ -325,6 +337,7 @@ def run_demo(
         "perplexity": {name: r.to_dict() for name, r in results.items()},
         "labels": {name: METHODS[name].label for name in results},
         "bitsandbytes_mode": bnb_mode,
+        "left_out": left_out,
         "tokens_per_second": rates,
         "threads": torch.get_num_threads(),
         "anchor": anchor_note,
