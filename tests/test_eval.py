@@ -641,19 +641,38 @@ def test_llama_cpp_anchor_says_how_to_install_it_and_checks_its_arguments(tmp_pa
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_the_demo_leaves_the_bf16_row_out_where_the_cpu_has_no_bf16(monkeypatch):
-    from llm_int8.eval import experiments, speed
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_demo_is_shortened_on_slow_cpus_and_says_what_it_left_out(monkeypatch, capability, bf16):
+    from llm_int8.eval import experiments as ex
 
-    monkeypatch.setattr(experiments, "native_bf16", lambda: True)
-    assert experiments.demo_methods() == (experiments.DEMO_METHODS, {})
-    monkeypatch.setattr(experiments, "native_bf16", lambda: False)
-    methods, left_out = experiments.demo_methods()
-    assert methods == [m for m in experiments.DEMO_METHODS if m != "bf16"] and list(left_out) == ["bf16"]
-    assert "no bfloat16 instructions" in left_out["bf16"]
-    # /proc/cpuinfo's flags decide; a machine that cannot tell keeps the row
+    monkeypatch.setattr(ex, "native_bf16", lambda: bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    settings = ex.demo_settings()
+    whole = ex.demo_settings(full=True)
+    assert (whole.methods, whole.n_windows, whole.repeats, whole.cuts) == (
+        ex.DEMO_METHODS, ex.DEMO_WINDOWS, ex.DEMO_REPEATS, [])
+    if capability == "AVX512":
+        assert settings.methods == [m for m in ex.DEMO_METHODS if bf16 or m != "bf16"]
+        assert (settings.n_windows, settings.repeats) == (ex.DEMO_WINDOWS, ex.DEMO_REPEATS)
+        assert len(settings.cuts) == (0 if bf16 else 1)
+    else:
+        assert settings.methods == ex.SHORT_DEMO_METHODS and "bf16" not in settings.methods
+        assert (settings.n_windows, settings.repeats) == (ex.SHORT_DEMO_WINDOWS, ex.SHORT_DEMO_REPEATS)
+        assert any("per-tensor" in cut for cut in settings.cuts) and any("windows" in cut for cut in settings.cuts)
+    assert any("bfloat16" in cut for cut in settings.cuts) == (not bf16)
+    # what the caller asks for is never cut
+    asked = ex.demo_settings(methods=["fp32", "bf16"], n_windows=3)
+    assert (asked.methods, asked.n_windows) == (["fp32", "bf16"], 3)
+    assert not any("windows" in cut or "row" in cut for cut in asked.cuts)
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    from llm_int8.eval import speed
+
     monkeypatch.setattr(speed, "_cpuinfo", lambda field: "fpu avx2 fma" if field == "flags" else None)
     assert not speed.native_bf16()
     monkeypatch.setattr(speed, "_cpuinfo", lambda field: "fpu avx512f avx512_bf16" if field == "flags" else None)
     assert speed.native_bf16()
-    monkeypatch.setattr(speed, "_cpuinfo", lambda field: None)
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: None)  # a machine that cannot tell keeps the row
     assert speed.native_bf16()

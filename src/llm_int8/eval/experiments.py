@@ -39,19 +39,52 @@ DEMO_PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
 DECODE_TOKENS = 32  # new tokens per timed generate() in the decode throughput
 GENERATION_TOKENS = 24  # new tokens of the greedy continuation shown fp32 vs int8
 DEMO_METHODS = ["fp32", "bf16", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
+DEMO_WINDOWS = 16
+DEMO_REPEATS = 5  # timed rounds per engine in the tokens/s table
 CALIBRATION_WINDOWS = 2
+# The demo on a CPU without AVX-512 (torch's capability AVX2 or less), where the whole of it takes minutes
+# more than on AVX-512 machines (what each part costs and why these cuts: docs/eval.md).
+SHORT_DEMO_METHODS = ["fp32", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
+SHORT_DEMO_WINDOWS = 8
+SHORT_DEMO_REPEATS = 3
 
 
-def demo_methods() -> tuple[list[str], dict[str, str]]:
-    """The perplexity table's default methods on this machine (``DEMO_METHODS`` less what it leaves out),
-    and, for each method left out, why (a sentence the demo prints)."""
-    left_out = {}
-    if not native_bf16():
-        left_out["bf16"] = (
-            "this CPU has no bfloat16 instructions (no AVX512_BF16 / AMX), so torch emulates the bf16 matmuls, "
-            "slower than fp32: the row would take the longest of all to confirm that bf16 is as accurate as fp32"
-        )
-    return [m for m in DEMO_METHODS if m not in left_out], left_out
+@dataclass
+class DemoSettings:
+    """What ``llm-int8 demo`` runs on this machine, and what it left out of the whole demo (sentences it prints)."""
+
+    methods: list[str]
+    n_windows: int
+    repeats: int
+    cuts: list[str]
+
+
+def demo_settings(full: bool = False, methods: list[str] | None = None, n_windows: int | None = None) -> DemoSettings:
+    """The demo's perplexity methods, windows and tokens/s rounds: ``full`` or on an AVX-512 CPU the whole demo
+    (less the bf16 row on a CPU without bfloat16 instructions), else the short one; ``methods`` and
+    ``n_windows``, where given, are the caller's and are never cut."""
+    short = not full and torch.backends.cpu.get_cpu_capability() != "AVX512"
+    cuts = []
+    if methods is None:
+        methods = list(SHORT_DEMO_METHODS if short else DEMO_METHODS)
+        if short:
+            cuts.append("the per-tensor int8 rows (absmax, zeropoint), each slower per window than fp32 here, which show "
+                        "what the paper's Table 1 shows (per-tensor int8 fails: +75 to +118 % on the whole demo); "
+                        "llm-int8 ppl prints them")
+        if not full and not native_bf16():
+            if "bf16" in methods:
+                methods.remove("bf16")
+            cuts.append("the bf16 row: this CPU has no bfloat16 instructions (no AVX512_BF16 / AMX), so torch "
+                        "emulates its matmuls, 2.6x slower than fp32 here, to show that bf16 is as accurate as fp32")
+    if n_windows is None:
+        n_windows = SHORT_DEMO_WINDOWS if short else DEMO_WINDOWS
+        if short:
+            cuts.append(f"{SHORT_DEMO_WINDOWS} evaluation windows instead of {DEMO_WINDOWS} (95 % intervals about "
+                        f"{math.sqrt(DEMO_WINDOWS / SHORT_DEMO_WINDOWS):.1f}x wider)")
+    repeats = SHORT_DEMO_REPEATS if short else DEMO_REPEATS
+    if short:
+        cuts.append(f"tokens/s the median of {SHORT_DEMO_REPEATS} rounds instead of {DEMO_REPEATS}")
+    return DemoSettings(list(methods), n_windows, repeats, cuts)
 
 
 def _no_progress(_desc):
@@ -295,15 +328,17 @@ def throughput(
 
 
 def run_demo(
-    model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int,
+    model: str, gguf_file: str | None, corpus: str, n_windows: int | None, seq_len: int,
     methods: list[str] | None = None, progress: ProgressFactory = _no_progress, budget: float = MEMORY_BUDGET,
-    anchor: bool = True,
+    anchor: bool = True, full: bool = False,
 ) -> dict:
     """Everything ``llm-int8 demo`` prints, as a dict (see ``cli.py`` for the presentation). With
     ``anchor``, a GGUF model and llama-cpp-python installed, the speed table also times llama.cpp's
-    Q8_0 and F32 of the same file (:func:`llama_cpp_anchors`)."""
+    Q8_0 and F32 of the same file (:func:`llama_cpp_anchors`). ``n_windows`` and ``methods`` left None
+    take :func:`demo_settings`' (the whole demo with ``full``, else what this CPU runs in a few minutes)."""
     start = time.perf_counter()
-    methods, left_out = (list(methods), {}) if methods else demo_methods()
+    settings = demo_settings(full, methods, n_windows)
+    methods, n_windows = settings.methods, settings.n_windows
     bnb_mode = "bitsandbytes 0.50.2 itself (eval mode, CPU)"
     if "bitsandbytes" in methods and not bitsandbytes_available():
         methods[methods.index("bitsandbytes")] = "bnb_emulated"
@@ -320,7 +355,7 @@ def run_demo(
     compared = {"fp32": work.model, "llm_int8_calibrated": int8_model}
     anchors, anchor_note = llama_cpp_anchors(model, gguf_file, work, DECODE_TOKENS) if anchor else ({}, "off (--no-anchor)")
     try:
-        rates = throughput(work, tuple(compared), plan, models=compared, progress=progress, anchors=anchors,
+        rates = throughput(work, tuple(compared), plan, settings.repeats, models=compared, progress=progress, anchors=anchors,
                            prefill_logits_to_keep=1)
     finally:
         for engine in anchors.values():
@@ -337,7 +372,8 @@ def run_demo(
         "perplexity": {name: r.to_dict() for name, r in results.items()},
         "labels": {name: METHODS[name].label for name in results},
         "bitsandbytes_mode": bnb_mode,
-        "left_out": left_out,
+        "cuts": settings.cuts,
+        "repeats": settings.repeats,
         "tokens_per_second": rates,
         "threads": torch.get_num_threads(),
         "anchor": anchor_note,
