@@ -24,9 +24,9 @@ So the peak is the int8 model plus one float linear weight, one slab of a large 
 interpreter. The result is bit-identical to ``quantize_model`` applied to transformers' float32 GGUF
 load (``tests/test_gguf.py``), and ``save_pretrained`` writes the same bitsandbytes-format checkpoint.
 
-This is one of the three files of the package that import transformers (with ``hf_config.py`` and
-``hf.py``), and the only one importing ``gguf``: it uses transformers' GGUF reader, config path and name
-mapping rather than a copy of them, and lives here, beside ``hf.py``, so the core never imports either.
+It imports transformers (as the other modules of ``integrations/`` do) and is the only module importing
+``gguf``: it uses transformers' GGUF reader, config path and name mapping rather than a copy of them, and
+lives here, beside ``hf.py``, so the core never imports either.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Hugging Face transformers integration: ``from_pretrained(..., quantization_config=LLMInt8Config())``.
 
-With ``hf_config.py`` (the config class) and ``gguf.py`` (the GGUF loader), one of the three files of the
-package that import transformers (and, through it, accelerate). ``import llm_int8`` imports it when
+The quantizer; its config is ``hf_config.py``. Like the other modules of ``integrations/`` (and
+``eval/models.py``) it imports transformers (and, through it, accelerate); the core never does.
+``import llm_int8`` imports it when
 transformers is imported (:func:`llm_int8.integrations.call_when_imported`), which registers the
 ``llm_int8`` quantization method with transformers, so that
 
