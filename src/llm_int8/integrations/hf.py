@@ -2,9 +2,8 @@
 
 The quantizer; its config is ``hf_config.py``. Like the other modules of ``integrations/`` (and
 ``eval/models.py``) it imports transformers (and, through it, accelerate); the core never does.
-``import llm_int8`` imports it when
-transformers is imported (:func:`llm_int8.integrations.call_when_imported`), which registers the
-``llm_int8`` quantization method with transformers, so that
+``import llm_int8`` imports it when transformers is imported (:func:`llm_int8.integrations.call_when_imported`),
+which registers the ``llm_int8`` quantization method with transformers, so that
 
 * ``AutoModelForCausalLM.from_pretrained(path, quantization_config=LLMInt8Config())`` builds the
   model skeleton on the meta device, swaps its ``nn.Linear`` / GPT-2 ``Conv1D`` layers for
