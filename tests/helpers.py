@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_int8 import _memory, dispatch, functional, reference
+from llm_int8 import _memory, functional, reference
 from llm_int8._ops import INT8_MAX
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -178,15 +178,3 @@ def resident_bytes(address: int, nbytes: int) -> int:
     lo = address // page * page
     hi = -(-(address + nbytes) // page) * page
     return sum(page for entry in _memory._pagemap(lo, hi) if entry & _memory._PAGEMAP_PRESENT)
-
-
-def kernel_backend(device) -> str:
-    """Which implementation serves tensors on ``device``: "cpu", "triton" (see ``dispatch.fallbacks`` for
-    stages that fell back to torch ops), "torch" (CUDA without Triton) or "reference"."""
-    device_type = torch.device(device).type
-    if device_type == "cpu":
-        return "cpu"
-    if device_type == "cuda":
-        dispatch.register_cuda_kernels()
-        return dispatch._cuda_backend or "reference"
-    return "reference"

@@ -6,19 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import kernel_backend
 from llm_int8 import cuda, dispatch
 
 ON_GPU = torch.cuda.is_available()
 
 
 def test_dispatch_routes_by_device_and_explains_a_missing_gpu_path(monkeypatch):
-    assert kernel_backend("cpu") == "cpu"
+    assert dispatch.kernel_backend("cpu") == "cpu"
     if ON_GPU:
-        assert kernel_backend("cuda") == "triton"
+        assert dispatch.kernel_backend("cuda") == "triton"
         dispatch.require_gpu_path()
     else:
-        assert kernel_backend("cuda") == "reference" and dispatch.registered_cuda_kernels() == {}
+        assert dispatch.kernel_backend("cuda") == "reference" and dispatch.registered_cuda_kernels() == {}
         with pytest.raises(RuntimeError, match="GPU path is unavailable: PyTorch sees no CUDA device"):
             dispatch.require_gpu_path()
     monkeypatch.setattr(dispatch.importlib.util, "find_spec", lambda name: None)

@@ -18,7 +18,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import kernel_backend
 from llm_int8 import Linear8bitLt, cuda, dispatch, reference
 from llm_int8 import functional as F
 
@@ -401,5 +400,5 @@ def test_linear8bitlt_calls_the_registered_kernel():
 def test_no_triton_kernel_fell_back_in_this_process():
     # Last in file order: the results above came from the Triton kernels, not the safe path. (gpu_check.sh
     # also turns every TritonFallbackWarning into an error, which names the test it happened in.)
-    assert kernel_backend("cuda") == "triton", dispatch.gpu_path_unavailable_reason()
+    assert dispatch.kernel_backend("cuda") == "triton", dispatch.gpu_path_unavailable_reason()
     assert dispatch.fallbacks() == {}, f"Triton kernels fell back to torch ops: {dispatch.fallbacks()}"

@@ -239,4 +239,18 @@ def require_gpu_path() -> None:
         )
 
 
+
+def kernel_backend(device: torch.device | str) -> str:
+    """Which implementation serves tensors on ``device``: "cpu", "triton" (see :func:`fallbacks` for
+    stages that fell back to torch ops), "torch" (CUDA without Triton) or "reference". The device check
+    (``scripts/gpu_check.sh``) prints it."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        return "cpu"
+    if device_type == "cuda":
+        register_cuda_kernels()
+        return _cuda_backend or "reference"
+    return "reference"
+
+
 register_cuda_kernels()
