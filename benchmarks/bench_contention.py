@@ -190,7 +190,7 @@ def main(argv=None):
     kinds = {"idle": None, "busy-int8": "int8", "busy-fp32": "fp32"}
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, llm_int8 {llm_int8.__version__}, "
-          f"int8 GEMM path {cpu.gemm_path(1, 4096, 4096)}, kernel threads: {_native.thread_runner()}")
+          f"int8 GEMM path {cpu.gemm_paths()[0]}, kernel threads: {_native.thread_runner()}")
     print(f"busy processes: {BUSY_K} -> {BUSY_N} layer at M = {BUSY_M} in a loop, torch's default threads; "
           f"alpha = {THRESHOLD}, {OUTLIER_SHARE:.1%} outlier columns x{OUTLIER_SCALE:g}")
     print(f"before: {other_load()}")

@@ -123,23 +123,17 @@ class Trainer:
         return t1 - t0, t2 - t1, t3 - t2, time.process_time() - cpu
 
 
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def step_peak_bytes(trainer, ids) -> int | None:
     """Peak RSS during one step above the RSS just before it (heap trimmed first); None off Linux."""
     try:
         _memory.trim_heap()
-        before = rss_bytes("VmRSS")
+        before = _memory.status_bytes("VmRSS")
+        if not before:
+            return None  # no /proc/self/status
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak (VmHWM) to the current RSS
         trainer.step(ids)
-        return rss_bytes("VmHWM") - before
+        return _memory.status_bytes("VmHWM") - before
     except OSError:
         return None
 

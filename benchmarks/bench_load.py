@@ -176,11 +176,10 @@ class RssSampler(threading.Thread):
             time.sleep(self.period_s)
 
     def sample(self):
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
+        from llm_int8 import _memory  # (imported by the children that sample; the parent only writes files)
+
         for key, field in (("peak_anon", "RssAnon"), ("peak_file", "RssFile")):
-            if field in fields:
-                self.peaks[key] = max(self.peaks[key], int(fields[field].split()[0]) * 1024)
+            self.peaks[key] = max(self.peaks[key], _memory.status_bytes(field))
 
     def stop(self):
         self._done.set()
@@ -194,19 +193,15 @@ def peak_rss() -> int:
     VmHWM belongs to the address space, which exec replaces; getrusage's ru_maxrss would carry
     over the peak of the parent that forked us (the one that wrote the checkpoint).
     """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: KiB on Linux
+    from llm_int8 import _memory
+
+    return _memory.status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: KiB
 
 
 def current_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from llm_int8 import _memory
+
+    return _memory.status_bytes("VmRSS")
 
 
 def measure(case: str, path: str, flag: str = "--child") -> dict:

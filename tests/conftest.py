@@ -1,6 +1,6 @@
 """Shared pytest configuration.
 
-Hypothesis profiles for the property tests (``tests/test_fuzz.py``):
+Hypothesis profiles for the property tests (cases in ``tests/fuzz_cases.py``):
 
 * ``quick`` (the default, used in CI): a few dozen derandomized cases per property, a few hundred in all;
 * ``long``: 1,250 random cases per property (more than 10,000 in all), selected with

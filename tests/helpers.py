@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from llm_int8 import reference
+from llm_int8 import _memory, functional, reference
+from llm_int8._ops import INT8_MAX
 
-INT8_MAX = 127
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -28,6 +28,15 @@ def make_input(m, k, dtype=torch.float32, n_outlier_cols=0, scale=30.0, seed=0, 
 def make_weight(n, k, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, k, generator=g) / max(k, 1) ** 0.5).to(dtype)
+
+
+def linear_case(dtype, m, k, n, threshold, n_outliers, bias=True, shape=None):
+    """(x, float weight, weight_int8, weight_absmax, bias): a linear layer's case for the ops."""
+    x = make_input(m, k, dtype, n_outlier_cols=n_outliers, shape=shape)
+    weight = make_weight(n, k, dtype)
+    weight_int8, weight_absmax = functional.quantize_weight(weight)
+    b = torch.randn(n).to(dtype) if bias else None
+    return x, weight, weight_int8, weight_absmax, b
 
 
 def decomposition(x2, weight_int8, weight_absmax, threshold):
@@ -139,3 +148,33 @@ LAYER_DEFECTS = {
                       "1-D int64"),
     "fp_weight shape": (_fp_columns([1, 2], n_weight_cols=1), "fp_weight must be"),
 }
+
+
+def plan_from_tracker(tracker, min_position_share: float = 0.01):
+    """The earlier calibration rule, kept for comparison (docs/eval.md): every column reaching the
+    ``llm_int8.eval.outliers.InputTracker``'s threshold at >= ``min_position_share`` of the positions
+    (0: at least once). It gains nothing on SmolLM2: those columns leave the int8 product at run time anyway."""
+    from llm_int8.eval.calibrate import CalibrationPlan
+
+    if not 0.0 <= min_position_share <= 1.0:
+        raise ValueError(f"min_position_share must lie in [0, 1], got {min_position_share}")
+    columns = {}
+    for site in tracker.sites:
+        count_large = site.stats["count_large"]
+        share = count_large.double() / max(site.stats["n_positions"], 1)
+        # share 0 would select every column: min_position_share = 0 means "seen at least once".
+        selected = (share >= min_position_share) & (count_large > 0)
+        cols = selected.nonzero().view(-1).tolist()
+        for name in site.names:
+            columns[name] = cols
+    n_positions = max((site.stats["n_positions"] for site in tracker.sites), default=0)
+    return CalibrationPlan(tracker.threshold, min_position_share, n_positions, columns)
+
+
+def resident_bytes(address: int, nbytes: int) -> int:
+    """Bytes of the pages overlapping [address, address + nbytes) that are present in this process's
+    page tables (``/proc/self/pagemap``); 0 where it cannot be read."""
+    page = _memory.PAGE_SIZE
+    lo = address // page * page
+    hi = -(-(address + nbytes) // page) * page
+    return sum(page for entry in _memory._pagemap(lo, hi) if entry & _memory._PAGEMAP_PRESENT)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import plan_from_tracker
 from llm_int8 import Linear8bitLt
 from llm_int8.eval import baselines, data, methods, outliers
 from llm_int8.convert import memory_footprint, quantize_
@@ -438,7 +439,7 @@ def test_calibration_keeps_the_dim_that_sets_the_row_scale_below_alpha():
     assert plan.n_positions == 2 * (SEQ - 1)  # position 0 of each window left out
     # the earlier count rule (|x| >= 6 at >= 1 % of the positions) sees nothing there
     tracker = _tracked(model, _windows(2))
-    assert all(cols == [] for cols in calibrate.plan_from_tracker(tracker).columns.values())
+    assert all(cols == [] for cols in plan_from_tracker(tracker).columns.values())
 
 
 def test_calibration_counts_run_time_outliers_by_their_weight_noise():
@@ -488,12 +489,12 @@ def test_calibration_needs_the_float_model():
 def test_plan_from_tracker_keeps_the_count_rule():
     model = TinyLM([{3: 20.0, 10: 8.0}] * N_BLOCKS, {3: list(range(SEQ)), 10: [0]})
     tracker = _tracked(model, _windows(2))
-    plan = calibrate.plan_from_tracker(tracker, min_position_share=0.05)
+    plan = plan_from_tracker(tracker, min_position_share=0.05)
     for b in range(N_BLOCKS):
         assert plan.columns[f"layers.{b}.up"] == [3]  # dim 10 is at 2 % of positions: left to run time
         assert plan.columns[f"layers.{b}.gate"] == [3]
         assert plan.columns[f"layers.{b}.down"] == []
-    assert calibrate.plan_from_tracker(tracker, min_position_share=0.0).columns["layers.0.up"] == [3, 10]
+    assert plan_from_tracker(tracker, min_position_share=0.0).columns["layers.0.up"] == [3, 10]
 
 
 def test_quantize_calibrated_stores_16bit_columns_and_is_exact_on_them():
@@ -644,3 +645,40 @@ def test_llama_cpp_anchor_says_how_to_install_it_and_checks_its_arguments(tmp_pa
     with pytest.raises(ImportError, match=r"scripts/setup.sh --bench"):
         llamacpp.requantize(tmp_path / "m.gguf", "Q8_0", threads=1)
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_demo_is_shortened_on_slow_cpus_and_says_what_it_left_out(monkeypatch, capability, bf16):
+    from llm_int8.eval import experiments as ex
+
+    monkeypatch.setattr(ex, "native_bf16", lambda: bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    settings = ex.demo_settings()
+    whole = ex.demo_settings(full=True)
+    assert (whole.methods, whole.n_windows, whole.repeats, whole.cuts) == (
+        ex.DEMO_METHODS, ex.DEMO_WINDOWS, ex.DEMO_REPEATS, [])
+    if capability == "AVX512":
+        assert settings.methods == [m for m in ex.DEMO_METHODS if bf16 or m != "bf16"]
+        assert (settings.n_windows, settings.repeats) == (ex.DEMO_WINDOWS, ex.DEMO_REPEATS)
+        assert len(settings.cuts) == (0 if bf16 else 1)
+    else:
+        assert settings.methods == ex.SHORT_DEMO_METHODS and "bf16" not in settings.methods
+        assert (settings.n_windows, settings.repeats) == (ex.SHORT_DEMO_WINDOWS, ex.SHORT_DEMO_REPEATS)
+        assert any("per-tensor" in cut for cut in settings.cuts) and any("windows" in cut for cut in settings.cuts)
+    assert any("bfloat16" in cut for cut in settings.cuts) == (not bf16)
+    # what the caller asks for is never cut
+    asked = ex.demo_settings(methods=["fp32", "bf16"], n_windows=3)
+    assert (asked.methods, asked.n_windows) == (["fp32", "bf16"], 3)
+    assert not any("windows" in cut or "row" in cut for cut in asked.cuts)
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    from llm_int8.eval import speed
+
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: "fpu avx2 fma" if field == "flags" else None)
+    assert not speed.native_bf16()
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: "fpu avx512f avx512_bf16" if field == "flags" else None)
+    assert speed.native_bf16()
+    monkeypatch.setattr(speed, "_cpuinfo", lambda field: None)  # a machine that cannot tell keeps the row
+    assert speed.native_bf16()

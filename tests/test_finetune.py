@@ -14,8 +14,8 @@ import torch
 
 from llm_int8 import _native
 from llm_int8 import functional as F
+from llm_int8._ops import INT8_MAX
 
-INT8_MAX = 127
 U32 = 2.0**-24
 BF16_U = 2.0**-8
 NATIVE = _native.grad_bf16_available()

@@ -8,12 +8,9 @@ to a temp dir once per session; the real SmolLM2 test is marked slow.
 from __future__ import annotations
 
 import copy
-import ctypes
 import importlib.util
 import json
 import math
-import mmap
-import os
 
 import pytest
 import torch
@@ -25,7 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import llm_int8  # noqa: E402
+from helpers import resident_bytes  # noqa: E402
 from llm_int8 import Linear8bitLt, _memory  # noqa: E402
+from llm_int8._ops import INT8_MAX  # noqa: E402
 from llm_int8.integrations import hf as hf_integration  # noqa: E402
 from llm_int8.integrations.hf import LLMInt8Config, quantize_model  # noqa: E402
 
@@ -33,7 +32,6 @@ VOCAB = 256
 HIDDEN = 64
 LAYERS = 2
 SEQ = 12
-INT8_MAX = 127
 # Int8 matmuls that follow each other in one decoder layer: attention in, attention out, MLP in, MLP out.
 MATMULS_PER_LAYER = 4
 # Vector-wise quantization rounds each operand to within half a step of absmax / 127. For rows whose
@@ -262,82 +260,6 @@ PAGE = _memory.PAGE_SIZE
 needs_page_release = pytest.mark.skipif(not _memory.supported(), reason="needs Linux and a readable /proc/self/pagemap")
 
 
-def _private_mapping(path, nbytes):
-    """A uint8 tensor over a private, writable mapping of the file: how safetensors maps a shard."""
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=nbytes)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
-
-
-def _page_file(tmp_path, pages):
-    data = torch.randint(0, 256, (pages * PAGE,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "pages.bin"
-    path.write_bytes(data.numpy().tobytes())
-    return path, data
-
-
-def _resident_pages(address, pages):
-    return [_memory.resident_bytes(address + i * PAGE, 1) // PAGE for i in range(pages)]
-
-
-def test_release_pages_never_touches_anonymous_memory():
-    heap = torch.arange(16 * PAGE // 4, dtype=torch.int32)
-    expected = heap.clone()
-    assert _memory.release_pages(heap.data_ptr(), heap.nbytes) == 0
-    assert torch.equal(heap, expected)
-    anonymous = mmap.mmap(-1, 16 * PAGE)
-    anonymous.write(bytes(range(256)) * (16 * PAGE // 256))
-    view = ctypes.c_char.from_buffer(anonymous)
-    try:
-        assert _memory.release_pages(ctypes.addressof(view), 16 * PAGE) == 0
-    finally:
-        del view
-    assert anonymous[:] == bytes(range(256)) * (16 * PAGE // 256)
-    anonymous.close()
-
-
-@needs_page_release
-def test_release_pages_drops_clean_file_pages_and_keeps_written_ones(tmp_path):
-    pages = 8
-    path, data = _page_file(tmp_path, pages)
-    mapped = _private_mapping(path, pages * PAGE)
-    assert torch.equal(mapped, data)  # reads every page
-    assert _resident_pages(mapped.data_ptr(), pages) == [1] * pages
-    mapped[3 * PAGE + 5] += 1  # copy-on-write: page 3 is now private anonymous memory, not the file's
-    expected = data.clone()
-    expected[3 * PAGE + 5] += 1
-    assert _memory.release_pages(mapped.data_ptr(), pages * PAGE) == (pages - 1) * PAGE
-    assert _resident_pages(mapped.data_ptr(), pages) == [0, 0, 0, 1, 0, 0, 0, 0]
-    assert torch.equal(mapped, expected)  # the file pages fault back in; the write is kept
-
-
-@needs_page_release
-def test_release_pages_keeps_pages_shared_with_neighbouring_data(tmp_path):
-    path, data = _page_file(tmp_path, 4)
-    mapped = _private_mapping(path, 4 * PAGE)
-    mapped.sum()
-    # [100, 3 PAGE + 100) covers pages 1 and 2 whole, pages 0 and 3 only in part: those stay.
-    assert _memory.release_pages(mapped.data_ptr() + 100, 3 * PAGE) == 2 * PAGE
-    assert _resident_pages(mapped.data_ptr(), 4) == [1, 0, 0, 1]
-    assert torch.equal(mapped, data)
-
-
-@needs_page_release
-def test_release_file_range_maps_file_offsets_to_addresses(tmp_path):
-    path, data = _page_file(tmp_path, 6)
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 4 * PAGE, offset=2 * PAGE, access=mmap.ACCESS_COPY)  # file pages 2..5
-    assert mapped[:] == data[2 * PAGE:].numpy().tobytes()
-    inode = os.stat(path).st_ino
-    (mapping,) = [m for m in _memory.mappings() if m.inode == inode]
-    assert mapping.offset == 2 * PAGE and mapping.end - mapping.start == 4 * PAGE
-    # File bytes [3 PAGE, 5 PAGE) are the mapping's pages 1 and 2; file pages 0 and 1 are not mapped.
-    assert _memory.release_file_range([mapping], 0, 2 * PAGE) == 0
-    assert _memory.release_file_range([mapping], 3 * PAGE, 2 * PAGE) == 2 * PAGE
-    assert _resident_pages(mapping.start, 4) == [1, 0, 0, 1]
-    assert mapped[:] == data[2 * PAGE:].numpy().tobytes()
-    mapped.close()
-
-
 def _whole_pages_of_quantized_weights(model, checkpoint):
     """Bytes of the whole pages inside the checkpoint byte ranges of the weights quantized on load."""
     from llm_int8.checkpoint import read_safetensors_header
@@ -380,11 +302,11 @@ def test_mappings_made_before_loading_are_left_alone(checkpoints):
     with safe_open(checkpoints["llama"] / "model.safetensors", framework="pt") as f:
         weight = f.get_tensor("model.layers.0.mlp.down_proj.weight")
     weight.sum()
-    resident = _memory.resident_bytes(weight.data_ptr(), weight.nbytes)
+    resident = resident_bytes(weight.data_ptr(), weight.nbytes)
     assert resident >= weight.nbytes
     q = _load(checkpoints["llama"], quantization_config=LLMInt8Config())
     assert q.hf_quantizer.checkpoint_bytes_released > 0
-    assert _memory.resident_bytes(weight.data_ptr(), weight.nbytes) == resident
+    assert resident_bytes(weight.data_ptr(), weight.nbytes) == resident
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from helpers import LAYER_DEFECTS  # noqa: E402
 from llm_int8 import Linear8bitLt  # noqa: E402
+from llm_int8._ops import INT8_MAX  # noqa: E402
 from llm_int8.integrations.hf import LLMInt8Config  # noqa: E402
 from llm_int8.saved_format import CheckpointError  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, SEQ = 256, 64, 2, 12
-INT8_MAX = 127
 # As in test_hf.py: two int8 steps per matmul, four matmuls per layer, independent errors add in quadrature.
 # Reading the int8 codes as float weights (what transformers did before) is off by a factor of ~100.
 LOGITS_REL_ERR_BOUND = 2 * math.sqrt(4 * LAYERS) / INT8_MAX

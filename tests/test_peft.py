@@ -25,8 +25,8 @@ from llm_int8 import Linear8bitLt  # noqa: E402
 from llm_int8 import functional as F  # noqa: E402
 from llm_int8.integrations.hf import LLMInt8Config, quantize_model  # noqa: E402
 from llm_int8.integrations.peft import LoraLinear8bitLt  # noqa: E402
+from llm_int8._ops import INT8_MAX  # noqa: E402
 
-INT8_MAX = 127
 U32 = 2.0**-24
 VOCAB, HIDDEN, LAYERS, SEQ = 128, 64, 2, 16
 TARGETS = ["q_proj", "v_proj", "down_proj"]

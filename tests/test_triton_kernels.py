@@ -506,37 +506,3 @@ def test_kernels_compile_for_hopper():
                             cwd=repo, env=env, capture_output=True, text=True, timeout=FRESH_PROCESS_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     assert "compiled for sm_90: every kernel" in result.stdout
-
-
-# --------------------------------------------------------------------------------------------
-# Dispatch
-
-
-def test_dispatch_routes_by_device_and_explains_a_missing_gpu_path(monkeypatch):
-    assert dispatch.kernel_backend("cpu") == "cpu"
-    if ON_GPU:
-        assert dispatch.kernel_backend("cuda") == "triton"
-        dispatch.require_gpu_path()
-    else:
-        assert dispatch.kernel_backend("cuda") == "reference" and dispatch.registered_cuda_kernels() == {}
-        with pytest.raises(RuntimeError, match="GPU path is unavailable: PyTorch sees no CUDA device"):
-            dispatch.require_gpu_path()
-    monkeypatch.setattr(dispatch.importlib.util, "find_spec", lambda name: None)
-    assert "pip install 'llm-int8[triton]'" in dispatch.gpu_path_unavailable_reason()
-
-
-def test_without_triton_the_cuda_path_runs_on_torch_ops(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_triton(name, globals=None, locals=None, fromlist=(), level=0):
-        if level == 1 and name == "" and "triton" in (fromlist or ()):
-            raise ImportError("No module named 'triton'")
-        return real_import(name, globals, locals, fromlist, level)
-
-    monkeypatch.setattr(builtins, "__import__", no_triton)
-    monkeypatch.setattr(dispatch, "_triton_import_error", None)
-    backend, stages = dispatch.cuda_stages()
-    assert backend == "torch" and stages is cuda.TORCH_STAGES
-    assert "ImportError: No module named 'triton'" in dispatch._triton_import_error

@@ -25,8 +25,8 @@ from llm_int8.parallel import (
     keep_frozen_local,
     tensor_parallel,
 )
+from llm_int8._ops import INT8_MAX
 
-INT8_MAX = 127
 U32 = 2.0**-24
 THRESHOLD = 3.0  # puts a few columns of the random model's activations on the float path
 

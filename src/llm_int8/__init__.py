@@ -4,6 +4,7 @@
     report = llm_int8.quantize_(model, llm_int8.Int8Config(threshold=6.0))
 """
 
+import importlib
 import importlib.metadata
 import importlib.util
 import warnings
@@ -12,6 +13,7 @@ from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA ten
 from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
 from .decode import lean_decoding
+from .integrations import call_when_imported, transformers_problem
 from .nn import Embedding8bit, Linear8bitLt
 
 __version__ = "0.1.0"
@@ -27,18 +29,17 @@ __all__ = [
     "quantize_",
 ]
 
-def _transformers_major() -> int | None:
+
+def _register_transformers() -> None:
+    # Registers the "llm_int8" quantization method and its config with transformers (the optional extra "hf").
+    # import_module, not ``from ... import``: when the import of transformers that calls this was itself made
+    # by llm_int8.integrations.hf, that module is half-built here, and finishes (registering) afterwards.
+    # A failure must not break `import transformers`: it is told here, and from_pretrained then does not know
+    # LLMInt8Config.
     try:
-        return int(importlib.metadata.version("transformers").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-
-
-if (_transformers_major() or 0) >= 5:
-    # Registers the "llm_int8" quantization method with transformers (the optional extra "hf").
-    from .integrations.hf import LLMInt8Config
-
-    __all__.append("LLMInt8Config")
+        importlib.import_module("llm_int8.integrations.hf")
+    except ImportError as err:
+        warnings.warn(f"llm_int8 could not register its quantization method with transformers ({err})")
 
 
 def _register_peft() -> None:
@@ -54,15 +55,19 @@ def _register_peft() -> None:
         )
 
 
+if transformers_problem() is None:
+    # Registered when transformers is imported (now, if it already is): importing it takes seconds, and a
+    # user of Linear8bitLt alone need not pay for it. Then ``llm_int8.LLMInt8Config`` is the registered class.
+    call_when_imported("transformers", _register_transformers)
+    __all__.append("LLMInt8Config")
+
 if importlib.util.find_spec("peft") is not None:
     # Registered when peft is imported (now, if it already is): importing peft takes seconds.
-    from .integrations import call_when_imported
-
     call_when_imported("peft", _register_peft)
 
 
 def __getattr__(name):
-    if name == "LLMInt8Config":  # not registered above: import it here for the error that says why
+    if name == "LLMInt8Config":  # imports transformers (registering with it), or raises the error that says why not
         from .integrations.hf import LLMInt8Config
 
         return LLMInt8Config

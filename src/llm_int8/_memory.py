@@ -34,9 +34,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import sys
 from array import array
 from dataclasses import dataclass
+from typing import Callable
+
+from .checkpoint import read_safetensors_header
 
 PAGE_SIZE = mmap.PAGESIZE
 MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
@@ -119,6 +123,74 @@ def release_file_range(file_mappings: list[Mapping], file_offset: int, nbytes: i
     return released
 
 
+class CheckpointPages:
+    """Gives back the pages of the mapped safetensors shards that held tensors already loaded.
+
+    transformers (5.x) opens every shard with ``safe_open`` (an ``mmap`` of the whole file) before
+    loading and closes them all at the end. It loads the tensors one by one, in the order that
+    ``order_key`` gives (``transformers.core_model_loading.dot_natural_key``); each is read from its mapping once,
+    quantized (or cast, or moved to a GPU) and never read again, but the pages it was read from stay
+    resident in the process until the shard is unmapped: after loading, or never while a float
+    parameter (a norm, say) is still a view into it; a float checkpoint's worth of RSS, whatever the
+    int8 model's size. So, each time a weight has been quantized, :meth:`release_through` drops
+    the pages of that weight and of every tensor loaded before it (float ones included: those cast
+    or moved to another device left their pages behind too) with
+    :func:`release_file_range`: madvise ``MADV_DONTNEED`` on clean file pages
+    only, which the page cache keeps. The bytes are located from the shards' headers, not from the
+    tensors, so this works whether transformers handed us a view into the mapping or a copy.
+
+    Dropping a clean page of a file mapping cannot change what anyone reads: a later access faults
+    the same bytes back in. Float parameters that stay views into the mapping (same dtype, on the
+    CPU) therefore remain correct; their pages were not read during loading and come back on first
+    use. Pages written to (copy-on-write, anonymous) are never dropped. Only mappings of the shards
+    that appear after this object is built (those transformers opens to load them) are touched;
+    mappings that existed before, say of another model loaded from the same files, are left alone.
+    """
+
+    def __init__(self, checkpoint_files, order_key: Callable[[str], object]):
+        self.where: dict[str, tuple[int, str, int, int]] = {}  # key -> (inode, path, begin, end) in the file
+        for file in checkpoint_files:
+            if not str(file).endswith(".safetensors"):
+                continue
+            try:
+                path = os.path.realpath(file)
+                inode = os.stat(path).st_ino
+                header, data_start = read_safetensors_header(path)
+            except (OSError, ValueError):
+                continue
+            for key, info in header.items():
+                if key != "__metadata__" and isinstance(info, dict) and "data_offsets" in info:
+                    begin, end = info["data_offsets"]
+                    self.where[key] = (inode, path, data_start + begin, data_start + end)
+        self.files = {(inode, path) for inode, path, _, _ in self.where.values()}
+        self.order = sorted(self.where, key=order_key)  # the loader's order
+        self.position = {key: i for i, key in enumerate(self.order)}
+        self.released_up_to = 0  # self.order[:released_up_to] have been released
+        self.preexisting = {(m.start, m.end, m.inode) for m in self._shard_mappings()}
+
+    def _shard_mappings(self):
+        # A mapping shows the file's inode (on overlay file systems, maybe the one underneath) and path.
+        inodes = {inode for inode, _ in self.files}
+        paths = {path for _, path in self.files}
+        return [m for m in mappings() if m.file_backed and (m.inode in inodes or m.path in paths)]
+
+    def release_through(self, key: str) -> int:
+        """Drop the pages of checkpoint tensor ``key`` and of those loaded before it from this load's
+        shard mappings; returns the bytes dropped."""
+        position = self.position.get(key)
+        if position is None or position < self.released_up_to:
+            return 0
+        keys = self.order[self.released_up_to : position + 1]
+        self.released_up_to = position + 1
+        mappings = [m for m in self._shard_mappings() if (m.start, m.end, m.inode) not in self.preexisting]
+        released = 0
+        for key in keys:
+            inode, path, begin, end = self.where[key]
+            ours = [m for m in mappings if m.inode == inode or m.path == path]
+            released += release_file_range(ours, begin, end - begin)
+        return released
+
+
 def status_bytes(field: str) -> int:
     """A size field of ``/proc/self/status`` in bytes, e.g. ``VmRSS`` (resident now) or ``VmHWM`` (peak
     resident); 0 where it cannot be read."""
@@ -130,14 +202,6 @@ def status_bytes(field: str) -> int:
     except OSError:
         pass
     return 0
-
-
-def resident_bytes(address: int, nbytes: int) -> int:
-    """Bytes of the pages overlapping [address, address + nbytes) that are present in this process's
-    page tables (``/proc/self/pagemap``); 0 where it cannot be read."""
-    lo = address // PAGE_SIZE * PAGE_SIZE
-    hi = -(-(address + nbytes) // PAGE_SIZE) * PAGE_SIZE
-    return sum(PAGE_SIZE for entry in _pagemap(lo, hi) if entry & _PAGEMAP_PRESENT)
 
 
 def _pagemap(lo: int, hi: int):

@@ -25,6 +25,8 @@ import torch
 NAMESPACE = "llm_int8"
 INT8_MAX = 127
 
+OP_NAMES = ("int8_vectorwise_quant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_linear")
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
 _lib.define("int8_vectorwise_quant(Tensor x, float threshold=0.0) -> (Tensor, Tensor, Tensor)")
@@ -76,3 +78,11 @@ def _(x, weight_int8, weight_absmax, bias=None, threshold=6.0, fp_cols=None, fp_
     torch._check(weight_int8.dim() == 2, lambda: "weight_int8 must be 2-D [N, K]")
     torch._check(x.shape[1] == weight_int8.shape[1], lambda: "K mismatch between x and weight_int8")
     return torch.empty((x.shape[0], weight_int8.shape[0]), dtype=x.dtype, device=x.device)
+
+
+def register_kernels(device: str | None, kernels: dict) -> None:
+    """Register ``kernels[name]`` as the kernel of every op of :data:`OP_NAMES` for ``device`` ("cpu",
+    "cuda"; None: every device, the fallback). ``kernels`` maps op names to functions (a module's
+    ``globals()`` where it names them after the ops)."""
+    for name in OP_NAMES:
+        torch.library.register_kernel(f"{NAMESPACE}::{name}", device, kernels[name])

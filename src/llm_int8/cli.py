@@ -135,18 +135,21 @@ def _workload(args):
 def cmd_demo(args, progress):
     result = ex.run_demo(
         args.model, args.gguf_file, args.corpus, args.windows, args.seq_len, args.methods, progress, args.calib_budget / 100,
-        anchor=not args.no_anchor,
+        anchor=not args.no_anchor, full=args.full,
     )
     mem = result["memory_bytes"]
     print(f"model {args.model}, corpus {args.corpus}: {result['n_windows']} windows x {result['seq_len']} tokens "
           f"(calibration: {result['calibration_tokens']} held-out tokens)")
+    if result["cuts"]:
+        print("shortened for this CPU, which runs the whole demo slowly; left out: " + "; ".join(result["cuts"]) + ". "
+              "The whole demo: llm-int8 demo --full")
     print("\nmodel memory (parameters + buffers; embedding and tied output head stay float):")
     print(_table(["format", "MiB", "vs fp32"], [[k, f"{v / MiB:.1f}", f"{v / mem['fp32']:.3f}x"] for k, v in mem.items()]))
     print("\nperplexity (same windows for every method):")
     print(_ppl_table(result["perplexity"], result["labels"]))
     print(f"bitsandbytes row: {result['bitsandbytes_mode']}")
     tps = result["tokens_per_second"]
-    print(f"\ntokens/s on this CPU ({result['threads']} threads; every engine timed in turns, median of 5):")
+    print(f"\ntokens/s on this CPU ({result['threads']} threads; every engine timed in turns, median of {result['repeats']}):")
     print("  decode  = generate() of 32 new tokens after the prompt below, its prefill included (weight bytes per token matter)")
     print(f"  prefill = one forward over a {result['seq_len']}-token window, logits of the last position only, as generate() "
           "computes them (arithmetic matters)")
@@ -419,8 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     demo = add("demo", cmd_demo, "the main job: memory, perplexity table, tokens/s, outlier dims, generations", calibrated=True,
-               figures=False)
+               figures=False, windows=None)
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="methods of the perplexity table")
+    demo.add_argument("--full", action="store_true", help=f"the whole demo on any CPU: without it a CPU without AVX-512 runs "
+                      f"{ex.SHORT_DEMO_WINDOWS} windows (not {ex.DEMO_WINDOWS}) and fewer rows, and one without bfloat16 "
+                      "instructions no bf16 row (the output says what it left out)")
     demo.add_argument("--no-anchor", action="store_true", help="no llama.cpp rows in the speed table (they are added "
                       "for a GGUF model where llama-cpp-python is installed: bash scripts/setup.sh --bench)")
     ppl = add("ppl", cmd_ppl, "perplexity of the paper's Table-1 methods on the same windows", calibrated=True, figures=False)

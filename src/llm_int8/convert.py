@@ -114,9 +114,54 @@ def _conv1d_type():
     return getattr(module, "Conv1D", None)
 
 
-def is_convertible(module: nn.Module) -> bool:
+def _is_conv1d(module: nn.Module) -> bool:
     conv1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_convertible(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The [out, in] weight of a convertible layer: an ``nn.Linear``'s own, the transpose of a GPT-2
+    ``Conv1D``'s (which computes ``x @ weight + bias`` with weight stored [in, out]).
+
+    ``weight``: a tensor that stands for this layer's weight, laid out as the layer stores it (a
+    checkpoint tensor streaming in); default the layer's own. Every path orients weights here.
+    """
+    weight = module.weight if weight is None else weight
+    return weight.T if _is_conv1d(module) else weight
+
+
+def replace_modules(
+    model: nn.Module, filter: Callable[[nn.Module, str], bool], make: Callable[[nn.Module, str], nn.Module]
+) -> list[str]:
+    """Replace, in place, every submodule for which ``filter(module, qualified_name)`` is true by
+    ``make(module, qualified_name)`` (under ``torch.no_grad()``); returns their names, in module order.
+
+    The names are chosen before anything is replaced. If ``make`` raises, the modules already replaced
+    are put back and the error propagates: the model is left as it was. Every module swap of the
+    package (``quantize_``, the evaluation's methods, the transformers integration's dequantization)
+    goes through here.
+    """
+    names = [name for name, module in model.named_modules() if filter(module, name)]
+    if "" in names:
+        raise TypeError("the model itself matches, and a module cannot replace itself in place")
+    swapped = []  # (parent, attribute, original): put back if a later make() raises
+    try:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            with torch.no_grad():
+                setattr(parent, child, make(original, name))
+            swapped.append((parent, child, original))
+    except BaseException:
+        for parent, child, original in reversed(swapped):
+            setattr(parent, child, original)
+        raise
+    return names
 
 
 def tied_layers(model: nn.Module) -> list[str]:
@@ -261,8 +306,7 @@ def convert_module(
 ) -> Linear8bitLt:
     """One ``nn.Linear`` or ``Conv1D`` as a ``Linear8bitLt`` on the same device; ``fp_cols`` are
     input columns kept in fp16 (calibrated outlier dims); ``name`` (its qualified name) is what errors call it."""
-    # Conv1D computes x @ weight + bias with weight [in, out]: the Linear weight is its transpose.
-    weight = module.weight if isinstance(module, nn.Linear) else module.weight.T
+    weight = linear_weight(module)
     layer = Linear8bitLt.from_weight(weight, module.bias, threshold, name=f"{name}.weight" if name else "weight")
     if fp_cols:
         layer.set_fp_columns(torch.tensor(fp_cols, dtype=torch.int64), weight.detach().to(torch.float16))
@@ -296,27 +340,18 @@ def quantize_(
     targets, report.skipped = select_layers(model, skip_modules, filter_fn, int8_head=head)
     if "" in targets:
         raise TypeError("the model is itself a linear layer; convert it with Linear8bitLt.from_linear(layer)")
-    swapped = []  # (parent, attribute, float module): put back if a later layer is refused
-    try:
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            original = getattr(parent, child)
-            with torch.no_grad():
-                fp_cols = (config.fp_columns or {}).get(name)
-                setattr(parent, child, convert_module(original, config.threshold, fp_cols, name))
-            swapped.append((parent, child, original))
-            report.converted.append(name)
-    except BaseException:
-        for parent, child, original in reversed(swapped):  # the model is left as it was given
-            setattr(parent, child, original)
-        raise
+    chosen = set(targets)
+    fp_columns = config.fp_columns or {}
+    report.converted = replace_modules(  # a refused layer raises with the model left as it was given
+        model, lambda module, name: name in chosen,
+        lambda module, name: convert_module(module, config.threshold, fp_columns.get(name), name),
+    )
     if head in targets:  # (a filter_fn may have kept it float: then its tied embeddings stay float too)
-        for name in tied:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, Embedding8bit.tied_to(model.get_submodule(head), getattr(parent, child)))
-            report.int8_embeddings.append(name)
+        head_module = model.get_submodule(head)
+        tied = set(tied)
+        report.int8_embeddings = replace_modules(
+            model, lambda module, name: name in tied, lambda module, name: Embedding8bit.tied_to(head_module, module)
+        )
     report.bytes_after = memory_footprint(model)
     return report
 

@@ -1,6 +1,6 @@
 """CPU kernels for the ops in ``_ops.py``.
 
-The int8 GEMM path is chosen per machine (``gemm_path``):
+The int8 GEMM path is chosen per machine (``gemm_paths()[0]``):
 
 * ``avx512_vnni`` / ``avx2``: our native kernel (``csrc/*.c``, built on first use) with
   its AVX-512 VNNI micro-kernel where the CPU has one (on Zen 4 it measured faster than both the
@@ -24,7 +24,7 @@ import math
 import torch
 
 from . import _native
-from ._ops import INT8_MAX, NAMESPACE
+from ._ops import INT8_MAX, register_kernels
 from .reference import decomposed_columns, quantize_rows, row_absmax
 from .reference import int8_vectorwise_quant as _reference_vectorwise_quant
 
@@ -48,12 +48,6 @@ def _path_takes(path: str, a: torch.Tensor, k: int) -> bool:
         return not _holds_min(a)  # the sign trick cannot negate -128 in a
     # torch._int_mm sums wrongly on some CPUs when K = 1 and b.T has strides (1, 1).
     return path != "int_mm" or k > 1
-
-
-def gemm_path(m: int, k: int, n: int) -> str:
-    """The path ``int8_linear_matmul`` takes for an [m, k] x [n, k]^T product (codes in [-127, 127])."""
-    path = gemm_paths()[0]
-    return path if path != "int_mm" or (k > 1 and m > 0 and n > 0) else "fp32"
 
 
 def _gemm_fp32_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -140,20 +134,20 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
             w, s, b, c, f = _in_place(weight_int8, weight_absmax, bias, fp_cols, fp_weight)
             return _native.mixed_linear(x, w, s, b, threshold, c, f)
     rows = x.reshape(math.prod(x.shape[:-1]), k)
-    out = eager_mixed_linear(rows, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, gemm_paths()[0])
+    out = eager_mixed_linear(rows, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
     return out.reshape(*x.shape[:-1], n)
 
 
-def eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight, path: str):
-    """The forward in eager torch around the int8 GEMM of ``path`` (where the native kernel is
-    unavailable; the benchmarks time it with ``int_mm``): as few passes over x and the output as
-    eager torch allows, the scales, decomposed columns and bias applied in place."""
+def eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight):
+    """The forward in eager torch around this machine's int8 GEMM (where the native kernel is
+    unavailable): as few passes over x and the output as eager torch allows, the scales, decomposed
+    columns and bias applied in place."""
     xf = x.float()
     cols, w_cols = decomposed_columns(xf, weight_int8, weight_absmax, threshold, fp_cols, fp_weight)
     has_cols = cols.numel() > 0
     x_main = xf.index_fill(1, cols, 0.0) if has_cols else xf
     x_absmax = row_absmax(x_main)
-    acc = int8_gemm(quantize_rows(x_main, x_absmax), weight_int8, path)
+    acc = int8_gemm(quantize_rows(x_main, x_absmax), weight_int8, gemm_paths()[0])
     out = torch.mul(acc, (x_absmax / INT8_MAX).unsqueeze(1))
     out.mul_((weight_absmax.float() / INT8_MAX).unsqueeze(0))
     if has_cols:
@@ -163,10 +157,4 @@ def eager_mixed_linear(x, weight_int8, weight_absmax, bias, threshold, fp_cols, 
     return out.to(x.dtype)
 
 
-for _name, _fn in [
-    ("int8_vectorwise_quant", int8_vectorwise_quant),
-    ("int8_linear_matmul", int8_linear_matmul),
-    ("int8_mm_dequant", int8_mm_dequant),
-    ("int8_mixed_linear", int8_mixed_linear),
-]:
-    torch.library.register_kernel(f"{NAMESPACE}::{_name}", "cpu", _fn)
+register_kernels("cpu", globals())

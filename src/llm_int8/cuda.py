@@ -1,15 +1,17 @@
 """The CUDA path: the LLM.int8() ops composed from stages, and those stages written in torch ops.
 
-Shapes follow ``_ops.py``: x [M, K], weight_int8 [N, K], out [M, N]. The mixed forward is four stages
+Shapes follow ``_ops.py``: x [M, K], weight_int8 [N, K], out [M, N]. The mixed forward is three stages
 
 1. ``outlier_column_flags``: one int32 flag per input column, ``RUNTIME_OUTLIER`` where some
-   |x| >= threshold, merged into flags that may hold ``CALIBRATED_COLUMN`` already;
+   |x| >= threshold (``reference.outlier_values``), merged into flags that may hold
+   ``CALIBRATED_COLUMN`` already;
 2. ``quantize_rows``: row absmax and int8 codes, flagged columns left out of the absmax and coded 0;
 3. ``linear_dequant``: the int8 GEMM, dequantized, plus the decomposed columns (run-time outliers
    against the dequantized int8 weight, calibrated ``fp_cols`` against their stored float weight)
    and the bias, rounded once to x's dtype;
 
-and :class:`Stages` says who runs them: the Triton kernels (``llm_int8.triton.STAGES``), the torch
+and :class:`Stages` says who runs them (with two more for the ``int8_linear_matmul`` and
+``int8_mm_dequant`` ops): the Triton kernels (``llm_int8.triton.STAGES``), the torch
 ops below (:data:`TORCH_STAGES`), or a guarded mix of both (``llm_int8.dispatch``), where a Triton
 kernel that fails to compile or launch hands its stage over to the torch ops once, with a warning.
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._ops import INT8_MAX
+from .reference import outlier_column_mask, outlier_values
 
 # Flag values in the int32 [K] column-flag vector shared by every stage.
 RUNTIME_OUTLIER = 1  # a column found at run time (some |x| >= threshold)
@@ -49,7 +52,8 @@ DENSE_CHUNK_BYTES = 64 * 2**20
 
 
 class Stages(NamedTuple):
-    """The implementations of the three stages of the CUDA forward (see the module docstring).
+    """Who runs each stage: the three of the CUDA forward (see the module docstring), then the two
+    that the ``int8_linear_matmul`` and ``int8_mm_dequant`` ops run on their own.
 
     * ``outlier_column_flags(x, threshold, flags) -> flags`` (updates flags [K] in place);
     * ``quantize_rows(x, flags, threshold=0.0, mask_values=False, exclude_flagged=False)
@@ -120,8 +124,7 @@ def outlier_column_flags(x: torch.Tensor, threshold: float, flags: torch.Tensor)
     """
     if x.shape[0] == 0 or x.shape[1] == 0:
         return flags
-    col_max = x.abs().nan_to_num_(nan=0.0).amax(dim=0)
-    hit = (col_max >= threshold).to(torch.int32) * RUNTIME_OUTLIER
+    hit = outlier_column_mask(x, threshold).to(torch.int32) * RUNTIME_OUTLIER
     return torch.maximum(flags, hit, out=flags)
 
 
@@ -138,7 +141,7 @@ def quantize_rows(x, flags, threshold=0.0, mask_values=False, exclude_flagged=Fa
         return torch.empty((m, 0), dtype=torch.int8, device=x.device), torch.zeros(m, device=x.device)
     magnitude = xf.abs()
     if mask_values:
-        magnitude.masked_fill_(magnitude >= threshold, 0.0)
+        magnitude.masked_fill_(outlier_values(magnitude, threshold), 0.0)
     if exclude_flagged:
         magnitude.masked_fill_((flags != 0).unsqueeze(0), 0.0)
     absmax = magnitude.amax(dim=1)

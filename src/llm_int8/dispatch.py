@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import cpu, cuda, reference  # noqa: F401  (importing cpu and reference registers their kernels)
-from ._ops import NAMESPACE
+from ._ops import register_kernels
 
 TRITON_INSTALL_HINT = "pip install 'llm-int8[triton]'"
 REPORT_HINT = "please report it with the output of scripts/gpu_check.sh"
@@ -211,8 +211,7 @@ def register_cuda_kernels() -> bool:
     if _cuda_backend is None and torch.cuda.is_available():
         backend, stages = cuda_stages()
         _cuda_kernels.update(op_kernels(stages))
-        for name, kernel in _cuda_kernels.items():
-            torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", kernel)
+        register_kernels("cuda", _cuda_kernels)
         _cuda_backend = backend
         if backend == "torch":
             warnings.warn(
@@ -240,9 +239,11 @@ def require_gpu_path() -> None:
         )
 
 
+
 def kernel_backend(device: torch.device | str) -> str:
     """Which implementation serves tensors on ``device``: "cpu", "triton" (see :func:`fallbacks` for
-    stages that fell back to torch ops), "torch" (CUDA without Triton) or "reference"."""
+    stages that fell back to torch ops), "torch" (CUDA without Triton) or "reference". The device check
+    (``scripts/gpu_check.sh``) prints it."""
     device_type = torch.device(device).type
     if device_type == "cpu":
         return "cpu"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import INT8_MAX, NAMESPACE
+from ._ops import INT8_MAX, register_kernels
 
 
 def quantize_rows(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -35,24 +35,32 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=1).float()
 
 
-def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Sorted int64 indices of the columns of x [M, K] holding any |value| >= threshold (> 0).
+def outlier_values(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The outlier rule, written once for the package: bool, True where |x| >= threshold (> 0).
 
-    One reduction over x: the column max of |x|, NaN counted as 0 so that a NaN cannot hide an Inf
-    or a large value elsewhere in its column (NaN itself is never an outlier; +-Inf always is).
+    NaN is never an outlier (the comparison is False); +-Inf always is. Every Python path (this
+    reference, ``cuda.py``, the Triton launchers, the evaluation's statistics) asks this function or
+    :func:`outlier_column_mask`; the C and Triton kernels apply the same comparison and cite it.
     """
-    if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=x.device)
-    col_max = x.abs().nan_to_num_(nan=0.0).amax(dim=0)
-    return (col_max >= threshold).nonzero().view(-1)
+    return x.abs() >= threshold
+
+
+def outlier_column_mask(x: torch.Tensor, threshold: float, dim: int = 0, keepdim: bool = False) -> torch.Tensor:
+    """bool, True for the columns of x holding any outlier (:func:`outlier_values`) along ``dim``
+    (default 0: the rows of x [M, K], giving [K]); all False when ``dim`` is empty."""
+    return outlier_values(x, threshold).any(dim=dim, keepdim=keepdim)
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Sorted int64 indices of the outlier columns of x [M, K] (:func:`outlier_column_mask`)."""
+    return outlier_column_mask(x, threshold).nonzero().view(-1)
 
 
 def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
     xf = x.float()
     if threshold > 0.0:
-        is_outlier = xf.abs() >= threshold
-        outlier_cols = is_outlier.any(dim=0).nonzero().view(-1)
-        xf = xf.masked_fill(is_outlier, 0.0)
+        outlier_cols = outlier_columns(xf, threshold)
+        xf = xf.masked_fill(outlier_values(xf, threshold), 0.0)
     else:
         outlier_cols = torch.empty(0, dtype=torch.int64, device=x.device)
     x_absmax = row_absmax(xf)
@@ -121,10 +129,4 @@ def int8_mixed_linear(x, weight_int8, weight_absmax, bias=None, threshold=6.0, f
     return out.to(x.dtype)
 
 
-for _name, _fn in [
-    ("int8_vectorwise_quant", int8_vectorwise_quant),
-    ("int8_linear_matmul", int8_linear_matmul),
-    ("int8_mm_dequant", int8_mm_dequant),
-    ("int8_mixed_linear", int8_mixed_linear),
-]:
-    torch.library.register_kernel(f"{NAMESPACE}::{_name}", None, _fn)
+register_kernels(None, globals())

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .._ops import INT8_MAX
+from ..reference import outlier_columns
 
-INT8_MAX = 127
 # Integers below 2**24 in magnitude are exact in float32: the largest K-chunk for an exact float32
 # GEMM of integer operands bounded by max_abs is 2**24 // max_abs**2.
 FLOAT32_EXACT_INT = 2**24
@@ -147,7 +148,7 @@ class QuantLinearW8A8(nn.Module):
         xf = x.reshape(-1, shape[-1]).float()
         out = None
         if self.threshold > 0:
-            cols = (xf.abs() >= self.threshold).any(dim=0).nonzero().view(-1)
+            cols = outlier_columns(xf, self.threshold)
             if cols.numel():
                 out = xf[:, cols] @ self.weight_float[:, cols].T
                 xf = xf.index_fill(1, cols, 0.0)

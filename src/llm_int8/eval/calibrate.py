@@ -3,22 +3,8 @@
 A calibrated column of a layer is stored with its fp16 weight column (``Linear8bitLt.set_fp_columns``)
 and always takes the 16-bit path; the run-time decomposition (|x| >= alpha, the paper's alpha = 6)
 works as before on the other columns. This module decides which columns, from a few held-out
-calibration windows run through the float model.
-
-Where LLM.int8()'s error comes from (SmolLM2-135M, Shakespeare, the demo's 16 x 512-token windows,
-fp32 perplexity 33.46; docs/eval.md has the whole table):
-
-* int8 weights with fp32 activations cost +0.37 %; int8 activations (alpha = 6) with float weights
-  +1.75 %; both (LLM.int8()) +2.2 %. The error is the activations', not the weights'.
-* An activation row (one token) is quantized with the scale max|x| / 127 over the columns left in
-  int8. In the attention inputs one systematic dim (247 in the middle layers, 17 at the end) holds
-  that maximum at ~100 % of the tokens with |x| = 5 to 6.6: mostly *below* alpha, so it never
-  leaves at run time, and it makes every other value of the row coarse.
-* Columns that reach alpha are not the problem: keeping every column that reached |x| >= 6 during
-  calibration in fp16 (3,816 columns, 4.2 MiB) leaves the perplexity where it was (+2.28 %); so did
-  the earlier rule of this module (>= 6 at >= 1 % of the positions, 532 columns: +2.29 %).
-* Quantizing one layer type at a time: v_proj +0.99 %, down_proj +0.83 %, every other type
-  <= 0.2 %.
+calibration windows run through the float model. Why this rule, and what it measured (the error
+breakdown, the budget's choice on validation windows, the perplexities), is in ``docs/eval.md``.
 
 The rule: spend a memory budget on the columns that remove the most estimated output noise.
 For a layer with float weight W [N, K] and output y, over the calibration positions t (position 0 of
@@ -29,27 +15,17 @@ every window excluded, see below), with the columns that become outliers at run 
   inputs, m_t = max |x_t| over the columns left in int8, hence ||W||_F^2 (m_t / 127)^2 / 12 to the
   output. Keeping column k in fp16 lowers m_t to the row's next largest value where k holds it.
 * weight noise: rounding row n of W adds variance (SCB_n / 127)^2 / 12 per weight; column k's share
-  of the output noise is sum_t x_tk^2 * sum_n (SCB_n / 127)^2 / 12, removed when k is kept in fp16
-  (this is what the paper's 16-bit outlier path saves on the large run-time outlier columns).
+  of the output noise is sum_t x_tk^2 * sum_n (SCB_n / 127)^2 / 12, removed when k is kept in fp16.
 
 A column's gain is that noise reduction over the layer's signal sum_t ||y_t||^2 (a noise-to-signal
 ratio, so that layers of any scale compare), its cost the fp16 column and its index (2 N + 8 bytes).
 Columns are taken greedily, best gain per byte first over all layers, a layer's gains recomputed after
 each pick, until ``budget`` (a share of the int8 model's bytes, default 0.5 %) is spent.
 
-Position 0 is left out of the statistics: it carries the attention sink's activations, up to tens of
-times larger than at any other position, at one position of each window. Where they reach alpha their
-columns leave the int8 product at run time in that window anyway (the run-time mask above sees
-position 0); counted in the statistics they would rank the columns by one token per window.
-
-On the demo's windows (``llm-int8 demo``, the library's own ops): 1,132 columns, 1.05 MiB (0.50 % of
-the 210.0 MiB int8 model), perplexity 33.747 = +0.85 % over fp32, vs +2.2 % for plain LLM.int8() and
-for bitsandbytes. The budget was chosen on 8 held-out validation windows disjoint from the
-calibration windows, never on the evaluation windows: +0.69 / +0.62 / +0.68 % at 0.25 / 0.5 / 0.9 %
-of the int8 bytes (differences within the ~0.1 % spread of these measurements), 0.5 % the lowest.
-
-``plan_from_tracker`` keeps the earlier rule (columns with |x| >= alpha at >= 1 % of the calibration
-positions) for comparison.
+Position 0 is left out of the statistics: it carries the attention sink's activations, far larger than
+at any other position, at one position of each window. Where they reach alpha their columns leave the
+int8 product at run time in that window anyway (the run-time mask above sees position 0); counted in
+the statistics they would rank the columns by one token per window.
 """
 
 from __future__ import annotations
@@ -61,19 +37,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..convert import Int8Config, QuantizeReport, memory_footprint, quantize_
+from ..convert import Int8Config, QuantizeReport, linear_weight, memory_footprint, quantize_
+from .._ops import INT8_MAX
 from ..nn import Linear8bitLt
+from ..reference import outlier_column_mask
 from .hooks import LinearInputHooks, Site, linear_layers
-from .outliers import OUTLIER_MAGNITUDE, InputTracker
+from .outliers import OUTLIER_MAGNITUDE
 from .perplexity import Progress, _identity
 
 MEMORY_BUDGET = 0.005  # fp16 columns may cost this share of the int8 model's bytes
 TOP_VALUES = 64  # per calibration row, the largest |x| kept for the greedy (exact below 63 picks per layer)
-INT8_MAX = 127.0
-FP_COLUMN_DTYPE = torch.float16  # the paper's 16-bit outlier path
 FP_COLUMN_EXTRA_BYTES = 8  # the int64 index of a column (fp_cols)
-# The earlier rule (plan_from_tracker): columns outlier at >= 1 % of the calibration positions.
-MIN_POSITION_SHARE = 0.01
 
 
 @dataclass
@@ -81,7 +55,7 @@ class CalibrationPlan:
     """Per linear layer (qualified name), the input columns kept in 16 bit, and how they were chosen.
 
     ``budget`` and ``fp_bytes`` / ``int8_bytes`` are set by the noise rule (``calibration_plan``),
-    ``min_position_share`` by the earlier count rule (``plan_from_tracker``).
+    ``min_position_share`` by the earlier count rule (kept for comparison in ``tests/helpers.py``).
     """
 
     threshold: float
@@ -105,11 +79,6 @@ class CalibrationPlan:
         }
 
 
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    # transformers' GPT-2 Conv1D stores [in, out]; everything here works on the [out, in] weight.
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
-
-
 def fp_column_bytes(out_features: int) -> int:
     """Bytes one calibrated column costs: its fp16 weight column [out_features] and its int64 index."""
     return 2 * out_features + FP_COLUMN_EXTRA_BYTES
@@ -122,7 +91,7 @@ def int8_model_bytes(model: nn.Module, layers=None) -> int:
     total = memory_footprint(model)
     for _name, module, _width in layers:
         weight = module.weight
-        n = _float_weight(module).shape[0]
+        n = linear_weight(module).shape[0]
         total += weight.numel() + 4 * n + 1 - weight.numel() * weight.element_size()
     return total
 
@@ -158,7 +127,7 @@ class _Collector(LinearInputHooks):
         magnitude = seqs.abs()
         if self.threshold > 0:
             # the forward takes a window's outlier columns (position 0 included) out of the int8 product
-            runtime = (magnitude >= self.threshold).any(dim=1, keepdim=True)
+            runtime = outlier_column_mask(magnitude, self.threshold, dim=1, keepdim=True)
             kept = magnitude.masked_fill(runtime, 0.0)
         else:
             kept = magnitude
@@ -175,7 +144,7 @@ class _Collector(LinearInputHooks):
     def layer_output(self, name: str, module: nn.Module, site: Site, x: torch.Tensor, y: torch.Tensor) -> None:
         layer = self.layers.get(name)
         if layer is None:
-            weight = _float_weight(module).detach().float()
+            weight = linear_weight(module).detach().float()
             scale = weight.abs().amax(dim=1) / INT8_MAX
             layer = self.layers[name] = _Layer(
                 name, site, weight.shape[0], float((weight.double() ** 2).sum()), float((scale.double() ** 2).sum() / 12.0)
@@ -277,32 +246,9 @@ def calibration_plan(
     return CalibrationPlan(float(threshold), None, n_positions, columns, budget, spent, int8_bytes)
 
 
-def plan_from_tracker(tracker: InputTracker, min_position_share: float = MIN_POSITION_SHARE) -> CalibrationPlan:
-    """The earlier count rule, for comparison: every column reaching the tracker's threshold at
-    >= ``min_position_share`` of the positions (0: at least once). It gains nothing on SmolLM2
-    (module docstring): those columns leave the int8 product at run time anyway."""
-    if not 0.0 <= min_position_share <= 1.0:
-        raise ValueError(f"min_position_share must lie in [0, 1], got {min_position_share}")
-    columns = {}
-    for site in tracker.sites:
-        count_large = site.stats["count_large"]
-        share = count_large.double() / max(site.stats["n_positions"], 1)
-        # share 0 would select every column: min_position_share = 0 means "seen at least once".
-        selected = (share >= min_position_share) & (count_large > 0)
-        cols = selected.nonzero().view(-1).tolist()
-        for name in site.names:
-            columns[name] = cols
-    n_positions = max((site.stats["n_positions"] for site in tracker.sites), default=0)
-    return CalibrationPlan(tracker.threshold, min_position_share, n_positions, columns)
-
-
-def quantize_with_plan(
-    model: nn.Module, plan: CalibrationPlan, config: Int8Config | None = None, dtype: torch.dtype = FP_COLUMN_DTYPE
-) -> QuantizeReport:
+def quantize_with_plan(model: nn.Module, plan: CalibrationPlan, config: Int8Config | None = None) -> QuantizeReport:
     """``quantize_`` with the planned columns of each converted layer kept in 16 bit (``Int8Config.fp_columns``)."""
     config = config or Int8Config()
-    if dtype != FP_COLUMN_DTYPE:
-        raise ValueError(f"calibrated columns are stored in {FP_COLUMN_DTYPE}, got dtype={dtype}")
     columns = {name: cols for name, cols in plan.columns.items() if cols}
     return quantize_(model, dataclasses.replace(config, fp_columns=columns))
 

@@ -20,6 +20,7 @@ from .. import functional as F
 from ..checkpoint import save_checkpoint
 from ..convert import memory_footprint
 from ..nn import Linear8bitLt
+from ..reference import outlier_column_mask
 from . import baselines
 from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
@@ -30,7 +31,7 @@ from .models import (
 )
 from .outliers import InputTracker, find_outliers, random_dims, zero_input_dims
 from .perplexity import PerplexityChange, PerplexityResult, paired_change, perplexity, top1_agreement
-from .speed import decode_tokens_per_second, prefill_tokens_per_second
+from .speed import decode_tokens_per_second, native_bf16, prefill_tokens_per_second
 
 ProgressFactory = Callable[[str], Callable[[Iterable], Iterable]]
 SWEEP_ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
@@ -38,7 +39,52 @@ DEMO_PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
 DECODE_TOKENS = 32  # new tokens per timed generate() in the decode throughput
 GENERATION_TOKENS = 24  # new tokens of the greedy continuation shown fp32 vs int8
 DEMO_METHODS = ["fp32", "bf16", "absmax_tensor", "zeropoint_tensor", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
+DEMO_WINDOWS = 16
+DEMO_REPEATS = 5  # timed rounds per engine in the tokens/s table
 CALIBRATION_WINDOWS = 2
+# The demo on a CPU without AVX-512 (torch's capability AVX2 or less), where the whole of it takes minutes
+# more than on AVX-512 machines (what each part costs and why these cuts: docs/eval.md).
+SHORT_DEMO_METHODS = ["fp32", "absmax_vector", "llm_int8_calibrated", "bitsandbytes"]
+SHORT_DEMO_WINDOWS = 8
+SHORT_DEMO_REPEATS = 3
+
+
+@dataclass
+class DemoSettings:
+    """What ``llm-int8 demo`` runs on this machine, and what it left out of the whole demo (sentences it prints)."""
+
+    methods: list[str]
+    n_windows: int
+    repeats: int
+    cuts: list[str]
+
+
+def demo_settings(full: bool = False, methods: list[str] | None = None, n_windows: int | None = None) -> DemoSettings:
+    """The demo's perplexity methods, windows and tokens/s rounds: ``full`` or on an AVX-512 CPU the whole demo
+    (less the bf16 row on a CPU without bfloat16 instructions), else the short one; ``methods`` and
+    ``n_windows``, where given, are the caller's and are never cut."""
+    short = not full and torch.backends.cpu.get_cpu_capability() != "AVX512"
+    cuts = []
+    if methods is None:
+        methods = list(SHORT_DEMO_METHODS if short else DEMO_METHODS)
+        if short:
+            cuts.append("the per-tensor int8 rows (absmax, zeropoint), each slower per window than fp32 here, which show "
+                        "what the paper's Table 1 shows (per-tensor int8 fails: +75 to +118 % on the whole demo); "
+                        "llm-int8 ppl prints them")
+        if not full and not native_bf16():
+            if "bf16" in methods:
+                methods.remove("bf16")
+            cuts.append("the bf16 row: this CPU has no bfloat16 instructions (no AVX512_BF16 / AMX), so torch "
+                        "emulates its matmuls, 2.6x slower than fp32 here, to show that bf16 is as accurate as fp32")
+    if n_windows is None:
+        n_windows = SHORT_DEMO_WINDOWS if short else DEMO_WINDOWS
+        if short:
+            cuts.append(f"{SHORT_DEMO_WINDOWS} evaluation windows instead of {DEMO_WINDOWS} (95 % intervals about "
+                        f"{math.sqrt(DEMO_WINDOWS / SHORT_DEMO_WINDOWS):.1f}x wider)")
+    repeats = SHORT_DEMO_REPEATS if short else DEMO_REPEATS
+    if short:
+        cuts.append(f"tokens/s the median of {SHORT_DEMO_REPEATS} rounds instead of {DEMO_REPEATS}")
+    return DemoSettings(list(methods), n_windows, repeats, cuts)
 
 
 def _no_progress(_desc):
@@ -169,7 +215,7 @@ class _DecompositionCounter(LinearInputHooks):
     def layer_output(self, name, module, site, x, y):
         if isinstance(module, Linear8bitLt):
             if module.threshold > 0:
-                self.decomposed += int((x.reshape(-1, module.in_features).abs() >= module.threshold).any(dim=0).sum())
+                self.decomposed += int(outlier_column_mask(x.reshape(-1, module.in_features), module.threshold).sum())
             self.total += module.in_features
 
     @property
@@ -282,15 +328,17 @@ def throughput(
 
 
 def run_demo(
-    model: str, gguf_file: str | None, corpus: str, n_windows: int, seq_len: int,
+    model: str, gguf_file: str | None, corpus: str, n_windows: int | None, seq_len: int,
     methods: list[str] | None = None, progress: ProgressFactory = _no_progress, budget: float = MEMORY_BUDGET,
-    anchor: bool = True,
+    anchor: bool = True, full: bool = False,
 ) -> dict:
     """Everything ``llm-int8 demo`` prints, as a dict (see ``cli.py`` for the presentation). With
     ``anchor``, a GGUF model and llama-cpp-python installed, the speed table also times llama.cpp's
-    Q8_0 and F32 of the same file (:func:`llama_cpp_anchors`)."""
+    Q8_0 and F32 of the same file (:func:`llama_cpp_anchors`). ``n_windows`` and ``methods`` left None
+    take :func:`demo_settings`' (the whole demo with ``full``, else what this CPU runs in a few minutes)."""
     start = time.perf_counter()
-    methods = list(methods or DEMO_METHODS)
+    settings = demo_settings(full, methods, n_windows)
+    methods, n_windows = settings.methods, settings.n_windows
     bnb_mode = "bitsandbytes 0.50.2 itself (eval mode, CPU)"
     if "bitsandbytes" in methods and not bitsandbytes_available():
         methods[methods.index("bitsandbytes")] = "bnb_emulated"
@@ -307,7 +355,7 @@ def run_demo(
     compared = {"fp32": work.model, "llm_int8_calibrated": int8_model}
     anchors, anchor_note = llama_cpp_anchors(model, gguf_file, work, DECODE_TOKENS) if anchor else ({}, "off (--no-anchor)")
     try:
-        rates = throughput(work, tuple(compared), plan, models=compared, progress=progress, anchors=anchors,
+        rates = throughput(work, tuple(compared), plan, settings.repeats, models=compared, progress=progress, anchors=anchors,
                            prefill_logits_to_keep=1)
     finally:
         for engine in anchors.values():
@@ -324,6 +372,8 @@ def run_demo(
         "perplexity": {name: r.to_dict() for name, r in results.items()},
         "labels": {name: METHODS[name].label for name in results},
         "bitsandbytes_mode": bnb_mode,
+        "cuts": settings.cuts,
+        "repeats": settings.repeats,
         "tokens_per_second": rates,
         "threads": torch.get_num_threads(),
         "anchor": anchor_note,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..convert import is_convertible, select_layers
+from ..convert import is_convertible, linear_weight, select_layers
 from ..nn import Linear8bitLt
 
 
@@ -25,8 +25,8 @@ def linear_in_features(module: nn.Module) -> int | None:
     """The input width of a linear layer we know how to hook, else None."""
     if isinstance(module, (nn.Linear, Linear8bitLt)):
         return module.in_features
-    if is_convertible(module):  # GPT-2 Conv1D: weight [in, out]
-        return module.weight.shape[0]
+    if is_convertible(module):  # GPT-2 Conv1D
+        return linear_weight(module).shape[1]
     return None
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..convert import Int8Config, convert_module, quantize_, select_layers
+from ..convert import Int8Config, convert_module, linear_weight, quantize_, replace_modules, select_layers
 from .baselines import QuantLinearW8A8
 
 PAPER_THRESHOLD = 6.0
@@ -58,11 +58,6 @@ class CastThroughFp16(nn.Module):
         return self.inner(x.half()).to(x.dtype)
 
 
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    # transformers' GPT-2 Conv1D stores [in, out]; every method works on the [out, in] weight.
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
-
-
 def shared_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree whose parameters and buffers are the original's own tensors.
 
@@ -75,19 +70,14 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Module, str], nn.Module]) -> list[str]:
     """Replace, in place, every layer ``quantize_`` would convert by ``make(layer, name)``."""
-    names = select_layers(model)[0]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        with torch.no_grad():
-            setattr(parent, child, make(getattr(parent, child), name))
-    return names
+    chosen = set(select_layers(model)[0])
+    return replace_modules(model, lambda module, name: name in chosen, make)
 
 
 def _w8a8(scheme: str, granularity: str, threshold: float = 0.0):
     def build(model, context):
         replace_linears(
-            model, lambda m, _: QuantLinearW8A8(_float_weight(m), m.bias, scheme, granularity, threshold)
+            model, lambda m, _: QuantLinearW8A8(linear_weight(m), m.bias, scheme, granularity, threshold)
         )
         return model
 
@@ -140,7 +130,7 @@ def _bitsandbytes(model, context):
     bnb = _bitsandbytes_module()
 
     def make(module, _name):
-        weight = _float_weight(module)
+        weight = linear_weight(module)
         layer = bnb.nn.Linear8bitLt(
             weight.shape[1], weight.shape[0], bias=module.bias is not None, has_fp16_weights=False,
             threshold=PAPER_THRESHOLD,
@@ -156,7 +146,7 @@ def _bitsandbytes(model, context):
 
 
 def _w8_only(model, context):
-    replace_linears(model, lambda m, _: WeightOnlyInt8Linear(_float_weight(m), m.bias))
+    replace_linears(model, lambda m, _: WeightOnlyInt8Linear(linear_weight(m), m.bias))
     return model
 
 
@@ -179,7 +169,7 @@ def _llm_int8_gptq(model, context):
 def _w8_gptq(model, context):
     rounding = _rounding(context, "w8_gptq")
     replace_linears(model, lambda m, name: WeightOnlyInt8Linear(
-        _float_weight(m), m.bias, (rounding.codes[name], rounding.absmax[name])))
+        linear_weight(m), m.bias, (rounding.codes[name], rounding.absmax[name])))
     return model
 
 
@@ -189,7 +179,7 @@ def _bitsandbytes_gptq(model, context):
     rounding = _rounding(context, "bitsandbytes_gptq")
 
     def make(module, name):
-        weight = _float_weight(module)
+        weight = linear_weight(module)
         layer = bnb.nn.Linear8bitLt(
             weight.shape[1], weight.shape[0], bias=module.bias is not None, has_fp16_weights=False,
             threshold=PAPER_THRESHOLD,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..reference import outlier_values
 from .hooks import LinearInputHooks, Site, linear_layers
 
 OUTLIER_MAGNITUDE = 6.0
@@ -55,7 +56,7 @@ class InputTracker(LinearInputHooks):
     def site_input(self, site: Site, x: torch.Tensor) -> None:
         rows = x.reshape(-1, site.in_features)
         magnitude = rows.abs().float()
-        large = magnitude >= self.threshold
+        large = outlier_values(magnitude, self.threshold)
         stats = site.stats
         if not stats:
             stats.update(max_abs=torch.zeros(site.in_features), count_large=torch.zeros(site.in_features, dtype=torch.int64),

@@ -33,19 +33,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._ops import INT8_MAX
+from ..convert import linear_weight
 from ..reference import quantize_rows, row_absmax
 from .hooks import LinearInputHooks, Site, linear_layers
 from .perplexity import Progress, _identity
 
-INT8_MAX = 127
 DAMP = 0.01  # share of the mean of diag(H) added to its diagonal
 BLOCK = 128  # columns per lazy-update block
 HESSIAN_BUDGET = 2 << 30  # bytes of float32 H held during one pass over the calibration windows
-
-
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    # transformers' GPT-2 Conv1D stores [in, out]; rounding works on the [out, in] weight.
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
 def rtn_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +197,7 @@ def gptq_rounding(
             result.n_positions = hooks.n_positions[id(site)]
             # GPTQ treats rows independently given H: the layers of one site (q/k/v, gate/up) are
             # rounded as one stacked weight, sharing H's factorization and the column loop.
-            weights = [_float_weight(modules[name]).detach().float() for name in site.names]
+            weights = [linear_weight(modules[name]).detach().float() for name in site.names]
             stacked = torch.cat(weights)
             rtn, absmax = rtn_codes(stacked)
             codes = gptq_codes(stacked, hessian, absmax, damp)

@@ -25,17 +25,34 @@ from torch import nn
 Progress = Callable[[Iterable], Iterable]
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; platform's guess elsewhere): benchmark figures say
-    which CPU they came from."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` of ``/proc/cpuinfo`` ("model name", "flags"); None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; platform's guess elsewhere): benchmark figures say
+    which CPU they came from."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+# x86 flags of bfloat16 arithmetic (AVX-512 BF16, AMX); on ARM, "bf16" among the Features.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (``/proc/cpuinfo``); without it torch emulates
+    bf16 matmuls through float32 conversions, slower than float32 itself. Assumed True where it
+    cannot tell (no ``/proc/cpuinfo``)."""
+    flags = _cpuinfo("flags") or _cpuinfo("Features")
+    return flags is None or any(flag in flags.split() for flag in NATIVE_BF16_FLAGS)
 
 
 def _identity(iterable):

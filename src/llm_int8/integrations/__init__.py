@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import importlib.abc
+import importlib.metadata
 import sys
 from typing import Callable
+
+# The loading hooks the transformers integration uses (HfQuantizer.get_quantize_ops, ConversionOps, per-key
+# weight streaming) are those of transformers 5.x; 4.x loaded quantized weights through other hooks.
+TESTED_TRANSFORMERS_MAJOR = 5
+
+
+def transformers_problem() -> str | None:
+    """Why the installed transformers cannot take llm_int8's integration (not installed, or not 5.x),
+    or None when it can. The one version check: ``import llm_int8`` registers with transformers only when
+    this is None, and ``llm_int8.integrations.hf`` raises it as an ImportError otherwise. Reads the
+    installed package's metadata only: it does not import transformers."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "llm_int8.integrations.hf needs transformers; install the extra: pip install 'llm-int8[hf]'"
+    if version.split(".")[0] != str(TESTED_TRANSFORMERS_MAJOR):
+        return (
+            f"llm_int8.integrations.hf works with transformers {TESTED_TRANSFORMERS_MAJOR}.x, found {version}; "
+            "install a supported one: pip install 'llm-int8[hf]'"
+        )
+    return None
 
 
 def call_when_imported(module_name: str, callback: Callable[[], None]) -> None:

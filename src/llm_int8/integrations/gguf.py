@@ -2,9 +2,9 @@
 
 transformers loads a GGUF file (``from_pretrained(..., gguf_file=...)``) by dequantizing every tensor
 into one float state dict and then building the model from it, so the whole float model exists,
-often twice over, before :func:`llm_int8.integrations.hf.quantize_model` can shrink it: for
-Qwen2.5-1.5B that is a peak of 8.65 GiB RSS for a 3 GiB int8 model. :func:`load_gguf` never holds
-the float model:
+often twice over, before :func:`llm_int8.integrations.hf.quantize_model` can shrink it (the measured
+peaks are in ``docs/scale.md``; ``benchmarks/bench_load.py --gguf`` prints them). :func:`load_gguf` never
+holds the float model:
 
 1. the model is built on the meta device from the config transformers derives from the GGUF
    metadata (``AutoConfig.from_pretrained(dir, gguf_file=...)``, the same code path), with its
@@ -24,9 +24,9 @@ So the peak is the int8 model plus one float linear weight, one slab of a large 
 interpreter. The result is bit-identical to ``quantize_model`` applied to transformers' float32 GGUF
 load (``tests/test_gguf.py``), and ``save_pretrained`` writes the same bitsandbytes-format checkpoint.
 
-This is the second file of the package that imports transformers (and the only one importing
-``gguf``): it uses transformers' GGUF reader, config path and name mapping rather than a copy of
-them, and lives here, beside ``hf.py``, so the core never imports either.
+It imports transformers (as the other modules of ``integrations/`` do) and is the only module importing
+``gguf``: it uses transformers' GGUF reader, config path and name mapping rather than a copy of them, and
+lives here, beside ``hf.py``, so the core never imports either.
 """
 
 from __future__ import annotations

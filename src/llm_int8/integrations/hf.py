@@ -1,7 +1,9 @@
 """Hugging Face transformers integration: ``from_pretrained(..., quantization_config=LLMInt8Config())``.
 
-This is the only file of the package that imports transformers (and, through it, accelerate).
-Importing it registers the ``llm_int8`` quantization method with transformers, so that
+The quantizer; its config is ``hf_config.py``. Like the other modules of ``integrations/`` (and
+``eval/models.py``) it imports transformers (and, through it, accelerate); the core never does.
+``import llm_int8`` imports it when transformers is imported (:func:`llm_int8.integrations.call_when_imported`),
+which registers the ``llm_int8`` quantization method with transformers, so that
 
 * ``AutoModelForCausalLM.from_pretrained(path, quantization_config=LLMInt8Config())`` builds the
   model skeleton on the meta device, swaps its ``nn.Linear`` / GPT-2 ``Conv1D`` layers for
@@ -13,7 +15,7 @@ Importing it registers the ``llm_int8`` quantization method with transformers, s
   ``max_memory``) place int8 layers anywhere: they stay int8 on every device, disk included;
 * once a weight is quantized, the pages of the memory-mapped checkpoint shard it was read from are
   dropped from the process, and the heap space of the quantization's temporaries is returned
-  (Linux; see :class:`_CheckpointPages` and :mod:`llm_int8._memory`), so a load's peak RSS follows
+  (Linux; see :class:`llm_int8._memory.CheckpointPages`), so a load's peak RSS follows
   the int8 model, not the float checkpoint.
 
 Models transformers cannot load with a quantization config (GGUF files) are quantized after
@@ -22,204 +24,35 @@ loading with :func:`quantize_model`, which records the config so that ``save_pre
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import weakref
 from types import SimpleNamespace
 
-if importlib.util.find_spec("transformers") is None:
-    raise ImportError(
-        "llm_int8.integrations.hf needs transformers; install the extra: pip install 'llm-int8[hf]'"
-    )
+from .hf_config import QUANT_METHOD, LLMInt8Config  # (first: raises the ImportError that says what transformers lacks)
 
-import torch
-from torch import nn
-from safetensors import safe_open
-from transformers.core_model_loading import ConversionOps, dot_natural_key
-from transformers.integrations.accelerate import offload_weight
-from transformers.pytorch_utils import Conv1D
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.base import get_keys_to_not_convert
-from transformers.quantizers.quantizers_utils import get_module_from_name
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
-from transformers.utils.quantization_config import BitsAndBytesConfig, QuantizationConfigMixin
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers.core_model_loading import ConversionOps, dot_natural_key  # noqa: E402
+from transformers.integrations.accelerate import offload_weight  # noqa: E402
+from transformers.quantizers import HfQuantizer, register_quantizer  # noqa: E402
+from transformers.quantizers.base import get_keys_to_not_convert  # noqa: E402
+from transformers.quantizers.quantizers_utils import get_module_from_name  # noqa: E402
 
-from .. import _memory, saved_format
-from .. import functional as F
-from ..checkpoint import read_safetensors_header
-from ..convert import (
-    Int8Config, QuantizeReport, default_skip_modules, is_convertible, memory_footprint, output_head_name, quantize_,
-    share_tied_scales,
+from .. import _memory, saved_format  # noqa: E402
+from .. import functional as F  # noqa: E402
+from ..checkpoint import read_safetensors_header  # noqa: E402
+from ..convert import (  # noqa: E402
+    Int8Config, QuantizeReport, default_skip_modules, is_convertible, linear_weight, memory_footprint, output_head_name,
+    quantize_, replace_modules, share_tied_scales,
 )
-from ..nn import Embedding8bit, Linear8bitLt
-
-QUANT_METHOD = "llm_int8"
-# The loading hooks used here (HfQuantizer.get_quantize_ops, ConversionOps, per-key weight
-# streaming) are those of transformers 5.x; 4.x loaded quantized weights through other hooks.
-TESTED_TRANSFORMERS_MAJOR = 5
-
-_transformers_version = importlib.metadata.version("transformers")
-if int(_transformers_version.split(".")[0]) != TESTED_TRANSFORMERS_MAJOR:
-    raise ImportError(
-        f"llm_int8.integrations.hf works with transformers {TESTED_TRANSFORMERS_MAJOR}.x, found "
-        f"{_transformers_version}; install a supported one: pip install 'llm-int8[hf]'"
-    )
+from ..nn import Embedding8bit, Linear8bitLt  # noqa: E402
 
 # Quantize-on-load gives memory back after each weight it quantizes: the weight's pages of the mapped
-# checkpoint (see _CheckpointPages) and the C heap's free pages (llm_int8._memory.trim_heap). False
-# keeps transformers' own behaviour: the pages stay resident as long as the shard stays mapped.
+# checkpoint (llm_int8._memory.CheckpointPages) and the C heap's free pages (llm_int8._memory.trim_heap).
+# False keeps transformers' own behaviour: the pages stay resident as long as the shard stays mapped.
 RELEASE_MEMORY_WHILE_LOADING = True
 
-
-# --------------------------------------------------------------------------------------------
-# Config
-
-
-@register_quantization_config(QUANT_METHOD)
-class LLMInt8Config(QuantizationConfigMixin):
-    """LLM.int8() quantization for ``from_pretrained``; saved in ``config.json`` as ``quantization_config``.
-
-    threshold: the outlier threshold alpha (0 disables the decomposition; the paper uses 6.0).
-    skip_modules: module names kept in float (matched as in :class:`llm_int8.Int8Config`). ``None``
-        skips the output head and every layer whose weight is tied to an embedding.
-    quantize_head: also convert the output head, and turn an input embedding tied to it into an
-        ``Embedding8bit`` sharing the head's int8 weight (as :class:`llm_int8.Int8Config`). Default False:
-        the head stays float, as bitsandbytes keeps it. A model whose *untied* head is int8 saves as a
-        bitsandbytes 8-bit checkpoint like any other (bitsandbytes converts its head too); one whose
-        embedding is int8 cannot be saved (``save_pretrained`` raises, see ``docs/hf.md``).
-
-    Saved, it declares itself in bitsandbytes' 8-bit format (see :meth:`to_dict`), whose tensors it
-    shares, so that a process which has not imported llm_int8 loads the checkpoint correctly through
-    bitsandbytes, or fails loudly when bitsandbytes is missing, instead of reading int8 codes as float
-    weights. With llm_int8 imported, the same file loads through llm_int8, calibrated columns included.
-    """
-
-    #: The field of the saved dict that says llm-int8 wrote it (and holds this config's own fields).
-    SAVED_FIELD = "llm_int8"
-    #: Version of the saved layout; 1: bitsandbytes' 8-bit fields plus SAVED_FIELD.
-    SAVED_VERSION = 1
-
-    def __init__(
-        self, threshold: float = 6.0, skip_modules: list[str] | None = None, quantize_head: bool = False, **kwargs
-    ):
-        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
-        if quant_method != QUANT_METHOD:
-            raise ValueError(f"LLMInt8Config has quant_method '{QUANT_METHOD}', got {quant_method!r}")
-        if kwargs:
-            raise TypeError(
-                f"LLMInt8Config got unknown fields {sorted(kwargs)}; it takes threshold, skip_modules and quantize_head. "
-                "For a bitsandbytes 8-bit config use LLMInt8Config.from_bitsandbytes(config)."
-            )
-        threshold = F._check_threshold(threshold, "LLMInt8Config.threshold")  # (the error names the class used)
-        core = Int8Config(threshold=threshold, skip_modules=skip_modules, quantize_head=quantize_head)  # validates
-        self.quant_method = QUANT_METHOD
-        self.threshold = core.threshold
-        self.skip_modules = core.skip_modules
-        self.quantize_head = core.quantize_head
-        # The float layers of the model this config quantized (set by the quantizer): written out as
-        # bitsandbytes' skip list, so that bitsandbytes converts exactly the layers that hold int8 weights.
-        self.unconverted_modules: list[str] | None = None
-
-    def to_int8_config(self) -> Int8Config:
-        return Int8Config(threshold=self.threshold, skip_modules=self.skip_modules, quantize_head=self.quantize_head)
-
-    def to_dict(self) -> dict:
-        """The saved form: bitsandbytes' 8-bit config, plus a ``"llm_int8"`` field with ours.
-
-        transformers without llm_int8 reads it as a bitsandbytes LLM.int8() checkpoint (the tensors,
-        ``weight`` int8 / ``SCB`` float32 / ``weight_format``, are bitsandbytes' own), with the same
-        threshold and the same float layers. With llm_int8 imported, the ``"llm_int8"`` field routes
-        it back here (:func:`_bitsandbytes_or_llm_int8`).
-        """
-        skip = self.unconverted_modules if self.unconverted_modules is not None else self.skip_modules
-        ours = {
-            "version": self.SAVED_VERSION,
-            "threshold": self.threshold,
-            "skip_modules": self.skip_modules,
-            "unconverted_modules": self.unconverted_modules,
-        }
-        if self.quantize_head:  # (written only when set, so default checkpoints read as they always did)
-            ours["quantize_head"] = True
-        return {
-            "quant_method": "bitsandbytes",
-            "load_in_8bit": True,
-            "load_in_4bit": False,
-            "llm_int8_threshold": self.threshold,
-            "llm_int8_skip_modules": None if skip is None else list(skip),
-            "llm_int8_has_fp16_weight": False,
-            "llm_int8_enable_fp32_cpu_offload": False,
-            self.SAVED_FIELD: ours,
-        }
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def __repr__(self):
-        head = ", quantize_head=True" if self.quantize_head else ""
-        return f"LLMInt8Config(threshold={self.threshold}, skip_modules={self.skip_modules}{head})"
-
-    @classmethod
-    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        """Read a saved config: the bitsandbytes form with an ``"llm_int8"`` field (what :meth:`to_dict`
-        writes), or the plain ``{"quant_method": "llm_int8", ...}`` that llm-int8 0.1.0 wrote before."""
-        fields = dict(config_dict)
-        if cls.SAVED_FIELD in fields:
-            ours = dict(fields[cls.SAVED_FIELD])
-            version = ours.pop("version", None)
-            if version != cls.SAVED_VERSION:
-                raise ValueError(
-                    f"this checkpoint's quantization_config was written by a newer llm-int8 (saved format {version}, "
-                    f"this one reads {cls.SAVED_VERSION}); upgrade: pip install -U llm-int8"
-                )
-            unconverted = ours.pop("unconverted_modules", None)
-            config = cls(**ours)
-            config.unconverted_modules = unconverted
-        else:
-            config = cls(**fields)
-        for key in [key for key in kwargs if hasattr(config, key)]:
-            setattr(config, key, kwargs.pop(key))
-        return (config, kwargs) if return_unused_kwargs else config
-
-    @classmethod
-    def from_bitsandbytes(cls, quantization_config) -> "LLMInt8Config":
-        """The config that loads a checkpoint written by transformers + bitsandbytes in 8-bit.
-
-        ``quantization_config`` is a ``BitsAndBytesConfig`` or its dict (``config.json``'s
-        ``quantization_config``). The threshold and the skipped modules carry over; the weights
-        (int8 ``weight``, float32 ``SCB``) load unchanged, since the state-dict keys are the same.
-        """
-        qc = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
-        if not qc.get("load_in_8bit", False):
-            raise ValueError(
-                "only bitsandbytes 8-bit checkpoints (load_in_8bit=True) can be loaded as LLM.int8(); "
-                f"this config is {'4-bit' if qc.get('load_in_4bit') else 'not 8-bit'}"
-            )
-        if qc.get("llm_int8_has_fp16_weight", False):
-            raise ValueError(
-                "this bitsandbytes checkpoint keeps float weights (llm_int8_has_fp16_weight=True); load it as a "
-                "plain float model with quantization_config=LLMInt8Config() instead, which quantizes it on load"
-            )
-        return cls(threshold=qc.get("llm_int8_threshold", 6.0), skip_modules=qc.get("llm_int8_skip_modules"))
-
-
-class _BitsAndBytesOrLLMInt8(BitsAndBytesConfig):
-    """transformers' entry for saved bitsandbytes 8-bit configs, while llm_int8 is imported.
-
-    A ``config.json`` written by llm-int8 declares itself as a bitsandbytes 8-bit checkpoint (see
-    :meth:`LLMInt8Config.to_dict`) and carries an ``"llm_int8"`` field: that one is read as an
-    :class:`LLMInt8Config`, so it loads through llm-int8's quantizer. Any other (a checkpoint written by
-    bitsandbytes) stays bitsandbytes' own ``BitsAndBytesConfig``, exactly as without llm_int8.
-    """
-
-    @classmethod
-    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        target = LLMInt8Config if LLMInt8Config.SAVED_FIELD in config_dict else BitsAndBytesConfig
-        return target.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-
-# transformers picks the config class of a saved "bitsandbytes" + load_in_8bit dict from this table.
-AUTO_QUANTIZATION_CONFIG_MAPPING["bitsandbytes_8bit"] = _BitsAndBytesOrLLMInt8
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,8 +73,7 @@ class _QuantizeWeightOnLoad(ConversionOps):
         (name, value), = input_dict.items()
         value = value[0] if isinstance(value, list) else value
         module_name = name.rpartition(".")[0]
-        if module_name in self.hf_quantizer.transposed_modules:
-            value = value.T  # Conv1D stores its weight [in, out]; Linear8bitLt wants [out, in]
+        value = self.hf_quantizer.oriented(module_name, value)
         try:
             weight_int8, weight_absmax = F.quantize_weight(value, name)
         except ValueError as err:
@@ -267,74 +99,6 @@ class _QuantizeWeightOnLoad(ConversionOps):
                 self.hf_quantizer.checkpoint_bytes_released += self.hf_quantizer.checkpoint_pages.release_through(source[0])
             _memory.trim_heap()
         return quantized
-
-
-class _CheckpointPages:
-    """Gives back the pages of the mapped safetensors shards that held tensors already loaded.
-
-    transformers (5.x) opens every shard with ``safe_open`` (an ``mmap`` of the whole file) before
-    loading and closes them all at the end. It loads the tensors one by one, in the order of
-    :func:`transformers.core_model_loading.dot_natural_key`; each is read from its mapping once,
-    quantized (or cast, or moved to a GPU) and never read again, but the pages it was read from stay
-    resident in the process until the shard is unmapped: after loading, or never while a float
-    parameter (a norm, say) is still a view into it; a float checkpoint's worth of RSS, whatever the
-    int8 model's size. So, each time a weight has been quantized, :meth:`release_through` drops
-    the pages of that weight and of every tensor loaded before it (float ones included: those cast
-    or moved to another device left their pages behind too) with
-    :func:`llm_int8._memory.release_file_range`: madvise ``MADV_DONTNEED`` on clean file pages
-    only, which the page cache keeps. The bytes are located from the shards' headers, not from the
-    tensors, so this works whether transformers handed us a view into the mapping or a copy.
-
-    Dropping a clean page of a file mapping cannot change what anyone reads: a later access faults
-    the same bytes back in. Float parameters that stay views into the mapping (same dtype, on the
-    CPU) therefore remain correct; their pages were not read during loading and come back on first
-    use. Pages written to (copy-on-write, anonymous) are never dropped. Only mappings of the shards
-    that appear after this object is built (those transformers opens to load them) are touched;
-    mappings that existed before, say of another model loaded from the same files, are left alone.
-    """
-
-    def __init__(self, checkpoint_files):
-        self.where: dict[str, tuple[int, str, int, int]] = {}  # key -> (inode, path, begin, end) in the file
-        for file in checkpoint_files:
-            if not str(file).endswith(".safetensors"):
-                continue
-            try:
-                path = os.path.realpath(file)
-                inode = os.stat(path).st_ino
-                header, data_start = read_safetensors_header(path)
-            except (OSError, ValueError):
-                continue
-            for key, info in header.items():
-                if key != "__metadata__" and isinstance(info, dict) and "data_offsets" in info:
-                    begin, end = info["data_offsets"]
-                    self.where[key] = (inode, path, data_start + begin, data_start + end)
-        self.files = {(inode, path) for inode, path, _, _ in self.where.values()}
-        self.order = sorted(self.where, key=dot_natural_key)  # transformers' loading order
-        self.position = {key: i for i, key in enumerate(self.order)}
-        self.released_up_to = 0  # self.order[:released_up_to] have been released
-        self.preexisting = {(m.start, m.end, m.inode) for m in self._shard_mappings()}
-
-    def _shard_mappings(self):
-        # A mapping shows the file's inode (on overlay file systems, maybe the one underneath) and path.
-        inodes = {inode for inode, _ in self.files}
-        paths = {path for _, path in self.files}
-        return [m for m in _memory.mappings() if m.file_backed and (m.inode in inodes or m.path in paths)]
-
-    def release_through(self, key: str) -> int:
-        """Drop the pages of checkpoint tensor ``key`` and of those loaded before it from this load's
-        shard mappings; returns the bytes dropped."""
-        position = self.position.get(key)
-        if position is None or position < self.released_up_to:
-            return 0
-        keys = self.order[self.released_up_to : position + 1]
-        self.released_up_to = position + 1
-        mappings = [m for m in self._shard_mappings() if (m.start, m.end, m.inode) not in self.preexisting]
-        released = 0
-        for key in keys:
-            inode, path, begin, end = self.where[key]
-            ours = [m for m in mappings if m.inode == inode or m.path == path]
-            released += _memory.release_file_range(ours, begin, end - begin)
-        return released
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -425,10 +189,10 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        self.transposed_modules: set[str] = set()
+        self.float_layers: dict[str, nn.Module] = {}  # the skeleton's convertible layers, before the swap
         self.report: QuantizeReport | None = None
         self.load_dtype: torch.dtype | None = None
-        self.checkpoint_pages: _CheckpointPages | None = None
+        self.checkpoint_pages: _memory.CheckpointPages | None = None
         self.checkpoint_bytes_released = 0
         self.refused: list[str] = []  # why weights could not be quantized (NaN/Inf), raised after loading
         self.int8_embeddings: dict[str, str] = {}  # Embedding8bit name -> its int8 head (quantize_head=True)
@@ -474,8 +238,8 @@ class LLMInt8HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         headers = _checkpoint_headers(checkpoint_files)  # a damaged shard is refused before anything loads
         if RELEASE_MEMORY_WHILE_LOADING and not self.pre_quantized and checkpoint_files and _memory.supported():
-            self.checkpoint_pages = _CheckpointPages(checkpoint_files)
-        self.transposed_modules = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+            self.checkpoint_pages = _memory.CheckpointPages(checkpoint_files, order_key=dot_natural_key)
+        self.float_layers = {name: m for name, m in model.named_modules() if is_convertible(m)}
         qc = self.quantization_config
         # A saved model names its float layers: exactly those stay float, whatever the defaults say today.
         skip = qc.unconverted_modules if self.pre_quantized and qc.unconverted_modules is not None else None
@@ -553,10 +317,15 @@ class LLMInt8HfQuantizer(HfQuantizer):
                 )
             if self.load_dtype is not None:
                 weight = weight.to(self.load_dtype)
-            if name in self.transposed_modules:
-                weight = weight.T
+            weight = self.oriented(name, weight)
             weight_int8, _ = F.quantize_weight(weight)
             offload_weight(weight_int8.contiguous(), key, loader.save_folder, loader.index)
+
+    def oriented(self, layer_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """A checkpoint weight of layer ``layer_name`` as ``Linear8bitLt`` holds it, [out, in]
+        (:func:`llm_int8.convert.linear_weight`: GPT-2 ``Conv1D`` stores its transpose)."""
+        layer = self.float_layers.get(layer_name)
+        return weight if layer is None else linear_weight(layer, weight)
 
     def get_quantize_ops(self):
         return _QuantizeWeightOnLoad(self)
@@ -582,15 +351,14 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """Replace every ``Linear8bitLt`` by an ``nn.Linear`` holding its dequantized weight."""
-        targets = [name for name, m in model.named_modules() if isinstance(m, Linear8bitLt)]
         tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, Embedding8bit)}
-        for name in [name for name, m in model.named_modules() if isinstance(m, Embedding8bit)]:
-            module = model.get_submodule(name)
+
+        def float_embedding(module, name):
             embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
             embedding.weight = nn.Parameter(module.dequantize(dtype or module.dtype), requires_grad=False)
-            model.set_submodule(name, embedding)
-        for name in targets:
-            module = model.get_submodule(name)
+            return embedding
+
+        def float_linear(module, name):
             weight = module.dequantize(dtype or torch.float32)
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)
@@ -598,7 +366,10 @@ class LLMInt8HfQuantizer(HfQuantizer):
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
             if id(module.weight) in tables:  # an int8 head tied to an int8 embedding: tied again, in float
                 linear.weight = model.get_submodule(tables[id(module.weight)]).weight
-            model.set_submodule(name, linear)
+            return linear
+
+        replace_modules(model, lambda module, name: isinstance(module, Embedding8bit), float_embedding)
+        replace_modules(model, lambda module, name: isinstance(module, Linear8bitLt), float_linear)
         return model
 
 

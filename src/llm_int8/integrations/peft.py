@@ -45,8 +45,6 @@ from torch import nn
 from .. import functional as F
 from ..nn import Linear8bitLt
 
-TESTED_PEFT = "0.21.2"
-
 
 # --------------------------------------------------------------------------------------------
 # DoRA: the weight norm from the dequantized weight

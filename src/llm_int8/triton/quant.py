@@ -68,7 +68,7 @@ def _outlier_flags_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m[:, None] < row_stop) & k_mask[None, :]
         v = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        big = (tl.abs(v.to(tl.float32)) >= threshold).to(tl.int32)
+        big = (tl.abs(v.to(tl.float32)) >= threshold).to(tl.int32)  # the rule of reference.outlier_values
         hit = tl.maximum(hit, tl.max(big, axis=0))
 
     # -- merge into the batch-wide flags; only columns that hit need an atomic
@@ -114,7 +114,7 @@ def _row_quant_kernel(
         mask = k < K
         a = tl.abs(tl.load(x_row + k * stride_xk, mask=mask, other=0.0).to(tl.float32))
         if MASK_VALUES:
-            a = tl.where(a >= threshold, 0.0, a)
+            a = tl.where(a >= threshold, 0.0, a)  # reference.outlier_values
         if EXCLUDE_FLAGGED:
             a = tl.where(tl.load(flags_ptr + k, mask=mask, other=0) != 0, 0.0, a)
         is_nan = a != a
