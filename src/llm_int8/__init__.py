@@ -12,7 +12,7 @@ from . import dispatch  # noqa: F401  (registers the Triton kernels for CUDA ten
 from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
 from .decode import lean_decoding
-from .nn import Embedding8bit, Linear8bitLt
+from .nn import Embedding8bit, Linear8bitLt, set_batch_invariant
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "lean_decoding",
     "memory_footprint",
     "quantize_",
+    "set_batch_invariant",
 ]
 
 def _transformers_major() -> int | None:
