@@ -184,6 +184,26 @@ def test_load_for_serving_baselines_and_refusals(tiny_dir, tmp_path):
         load_for_serving(str(tmp_path / "missing"))
 
 
+def test_load_for_serving_head_in_int8_and_batch_invariant(tiny_dir):
+    from llm_int8.integrations.serve import load_for_serving, startup_text
+
+    plain = load_for_serving(str(tiny_dir / "float"))
+    served = load_for_serving(str(tiny_dir / "float"), quantize_head=True, batch_invariant=True)
+    assert isinstance(served.model.lm_head, Linear8bitLt) and not isinstance(plain.model.lm_head, Linear8bitLt)
+    assert served.memory_bytes < plain.memory_bytes
+    layers = [m for m in served.model.modules() if isinstance(m, Linear8bitLt)]
+    assert len(layers) == 2 * 7 + 1 and all(m.batch_invariant for m in layers)
+    assert not any(m.batch_invariant for m in plain.model.modules() if isinstance(m, Linear8bitLt))
+    assert served.options == ("head int8", "batch-invariant")
+    assert "\n  head int8, batch-invariant\n" in startup_text(served, "http://127.0.0.1:1", False, 0)
+    with pytest.raises(ValueError, match="head int8 and batch-invariant apply to llm-int8 only, not to fp32"):
+        load_for_serving(str(tiny_dir / "float"), "fp32", quantize_head=True, batch_invariant=True)
+    plain.model.save_pretrained(tiny_dir / "saved_plain")
+    plain.tokenizer.save_pretrained(tiny_dir / "saved_plain")
+    with pytest.raises(ValueError, match="served as it was saved; quantize_head applies when quantizing"):
+        load_for_serving(str(tiny_dir / "saved_plain"), quantize_head=True)
+
+
 def test_continuous_batching_gets_a_bounded_cache(tiny_dir):
     from llm_int8.integrations import serve
 

@@ -55,6 +55,7 @@ from transformers.utils import logging as hf_logging
 from .. import _memory
 from ..convert import memory_footprint
 from ..eval import models as named_models
+from ..nn import set_batch_invariant
 from .hf import LLMInt8Config
 
 DEFAULT_HOST = "127.0.0.1"
@@ -82,6 +83,7 @@ class ServedModel:
     quantization: str
     memory_bytes: int  # parameters and buffers (llm_int8.convert.memory_footprint)
     load_seconds: float
+    options: tuple[str, ...] = ()  # how the int8 model differs from the default ("head int8", "batch-invariant")
 
     @property
     def context_length(self) -> int | None:
@@ -107,6 +109,8 @@ def load_for_serving(
     threshold: float = 6.0,
     progress: Callable | None = None,
     name: str | None = None,
+    quantize_head: bool = False,
+    batch_invariant: bool = False,
 ) -> ServedModel:
     """Build the model to serve.
 
@@ -118,9 +122,17 @@ def load_for_serving(
         (bitsandbytes 0.50.2's ``Linear8bitLt`` with the paper's threshold, in place of the same layers).
     progress: wraps the loader's iteration over tensors (e.g. a tqdm factory ``desc -> iterable -> iterable``).
     name: the model id clients use (default: the named model, or the directory's name).
+    quantize_head: llm-int8 only: the output head in int8 too, and an input embedding tied to it as
+        ``Embedding8bit`` sharing its codes (``LLMInt8Config(quantize_head=True)``; docs/serve.md says what
+        it costs).
+    batch_invariant: llm-int8 only: every int8 layer in the batch-invariant decomposition
+        (:func:`llm_int8.set_batch_invariant`), for continuous batching.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    options = tuple(o for o, on in (("head int8", quantize_head), ("batch-invariant", batch_invariant)) if on)
+    if options and quantization != LLM_INT8:
+        raise ValueError(f"{' and '.join(options)} apply to llm-int8 only, not to {quantization}")
     start = time.perf_counter()
     canonical = named_models.canonical_name(model)
     directory = Path(model)
@@ -133,9 +145,13 @@ def load_for_serving(
             )
         if quantization != LLM_INT8:
             raise ValueError(f"{model} is a saved llm-int8 checkpoint; it serves as llm-int8 only, not {quantization}")
+        if quantize_head:
+            raise ValueError(f"{model} is a saved llm-int8 checkpoint, served as it was saved; quantize_head applies when "
+                             "quantizing (serve the float original with it, or save the model with quantize_head=True)")
         lm, tokenizer = _load_saved(directory)
     elif quantization == LLM_INT8:
-        lm, tokenizer = named_models.load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold), progress=progress)
+        config = LLMInt8Config(threshold=threshold, quantize_head=quantize_head)
+        lm, tokenizer = named_models.load_int8_model(model, gguf_file, config, progress=progress)
     else:
         lm, tokenizer = named_models.load_model(model, gguf_file, progress=progress)
         if quantization == BNB_8BIT:
@@ -148,9 +164,11 @@ def load_for_serving(
                 lm(input_ids=torch.zeros(1, 1, dtype=torch.long))
             _memory.trim_heap()
     lm.eval().requires_grad_(False)
+    if batch_invariant:
+        set_batch_invariant(lm)
     if name is None:
         name = canonical if canonical in named_models.MODEL_NAMES else directory.resolve().name
-    return ServedModel(name, lm, tokenizer, quantization, memory_footprint(lm), time.perf_counter() - start)
+    return ServedModel(name, lm, tokenizer, quantization, memory_footprint(lm), time.perf_counter() - start, options)
 
 
 def _load_saved(directory: Path):
@@ -368,7 +386,8 @@ def startup_text(served: ServedModel, url: str, continuous_batching: bool, rss_b
     return (
         f"serving {served.name} ({served.quantization}) at {url}/v1  (OpenAI-compatible: /v1/chat/completions, "
         f"/v1/completions, /v1/models; {url}/health)\n"
-        f"  model memory {served.memory_bytes / MiB:.0f} MiB (parameters + buffers), process RSS {rss_bytes / MiB:.0f} MiB; "
+        + (f"  {', '.join(served.options)}\n" if served.options else "")
+        + f"  model memory {served.memory_bytes / MiB:.0f} MiB (parameters + buffers), process RSS {rss_bytes / MiB:.0f} MiB; "
         f"loaded in {served.load_seconds:.1f} s; continuous batching {'on' if continuous_batching else 'off'}; "
         f"context {served.context_length} tokens\n"
         "  Ctrl-C or SIGTERM stops it"
