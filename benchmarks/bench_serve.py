@@ -3,7 +3,8 @@ the int8 model give under concurrent load, against fp32 and bitsandbytes 8-bit i
 and does every request get its own, right reply?
 
 For each method (``--methods``, default fp32, llm-int8, bnb-8bit; also ``llm-int8-head``: llm-int8 with
-``--quantize-head``, and ``llm-int8-invariant``: with ``--batch-invariant``) one server is started as a
+``--quantize-head``, ``llm-int8-small``: with ``--quantize-head --int8-embedding``, and ``llm-int8-invariant``:
+with ``--batch-invariant``) one server is started as a
 subprocess on a free loopback port (``llm-int8 serve --quantization ... --port 0``); the servers
 live side by side and are driven in turns, so a change in the machine's load hits all of them:
 
@@ -46,6 +47,7 @@ METHODS = {  # name -> the `llm-int8 serve` options of its server
     "fp32": ["--quantization", "fp32"],
     "llm-int8": ["--quantization", "llm-int8"],
     "llm-int8-head": ["--quantization", "llm-int8", "--quantize-head"],
+    "llm-int8-small": ["--quantization", "llm-int8", "--quantize-head", "--int8-embedding"],
     "llm-int8-invariant": ["--quantization", "llm-int8", "--batch-invariant"],
     "bnb-8bit": ["--quantization", "bnb-8bit"],
 }
@@ -138,19 +140,19 @@ def offline_replies(model: str, method: str, indices: list[int], max_tokens: int
     handler does."""
     import torch
 
-    from llm_int8 import set_batch_invariant
-    from llm_int8.eval.models import load_int8_model
-    from llm_int8.integrations.hf import LLMInt8Config
+    from llm_int8.integrations.serve import load_for_serving
 
-    lm, tokenizer = load_int8_model(model, quantization_config=LLMInt8Config(quantize_head="--quantize-head" in METHODS[method]))
-    set_batch_invariant(lm, "--batch-invariant" in METHODS[method])
+    options = METHODS[method]
+    served = load_for_serving(model, quantize_head="--quantize-head" in options, int8_embedding="--int8-embedding" in options,
+                              batch_invariant="--batch-invariant" in options)
+    lm, tokenizer = served.model, served.tokenizer
     out = {}
     with torch.inference_mode():
         for i in indices:
             inputs = tokenizer(prompt(i), return_tensors="pt")
             ids = lm.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
             out[i] = tokenizer.decode(ids, skip_special_tokens=True)
-    del lm
+    del lm, served
     return out
 
 

@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 
+import llm_int8  # noqa: E402
 from llm_int8.eval.models import load_int8_model  # noqa: E402
 from llm_int8.nn import Linear8bitLt  # noqa: E402
 
@@ -200,8 +201,26 @@ def test_load_for_serving_head_in_int8_and_batch_invariant(tiny_dir):
         load_for_serving(str(tiny_dir / "float"), "fp32", quantize_head=True, batch_invariant=True)
     plain.model.save_pretrained(tiny_dir / "saved_plain")
     plain.tokenizer.save_pretrained(tiny_dir / "saved_plain")
-    with pytest.raises(ValueError, match="served as it was saved; quantize_head applies when quantizing"):
+    with pytest.raises(ValueError, match="served as it was saved; quantize_head and int8_embedding apply when quantizing"):
         load_for_serving(str(tiny_dir / "saved_plain"), quantize_head=True)
+
+
+def test_load_for_serving_int8_embedding_of_an_untied_model(tiny_dir):
+    from llm_int8 import Embedding8bit
+    from llm_int8.integrations.serve import load_for_serving
+
+    plain = load_for_serving(str(tiny_dir / "float"), quantize_head=True)
+    small = load_for_serving(str(tiny_dir / "float"), quantize_head=True, int8_embedding=True)
+    float_table = plain.model.get_input_embeddings().weight
+    table = small.model.get_input_embeddings()
+    assert isinstance(table, Embedding8bit) and small.options == ("head int8", "embedding int8")
+    codes, scales = llm_int8.functional.quantize_weight(float_table)  # each row with its own absmax
+    assert torch.equal(table.weight, codes) and torch.equal(table.SCB, scales)
+    assert small.memory_bytes < plain.memory_bytes
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(table(ids), table.dequantize()[ids])
+        small.model(input_ids=ids)  # the model runs on it
 
 
 def test_continuous_batching_gets_a_bounded_cache(tiny_dir):

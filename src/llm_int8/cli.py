@@ -358,7 +358,7 @@ def cmd_serve(args, progress):
     try:
         served = serve.load_for_serving(
             args.model, args.quantization, gguf_file=args.gguf_file, threshold=args.threshold, progress=progress, name=args.name,
-            quantize_head=args.quantize_head, batch_invariant=args.batch_invariant,
+            quantize_head=args.quantize_head, int8_embedding=args.int8_embedding, batch_invariant=args.batch_invariant,
         )
     except KeyboardInterrupt:
         print("\nllm-int8 serve: interrupted while loading; nothing was served", file=sys.stderr)
@@ -475,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize-head", action="store_true",
                      help="llm-int8: the output head in int8 too (a tied input embedding shares its codes): less memory, "
                           "faster decoding, a little more perplexity (docs/serve.md)")
+    srv.add_argument("--int8-embedding", action="store_true",
+                     help="llm-int8: an input embedding not tied to the head (Qwen2.5's GGUF files) in int8 rows too, "
+                          "for memory (docs/serve.md)")
     srv.add_argument("--batch-invariant", action="store_true",
                      help="llm-int8: each row decomposes only its own outliers, so that with --continuous-batching the int8 "
                           "layers give a request the same numbers whatever else is batched with it (docs/serve.md)")

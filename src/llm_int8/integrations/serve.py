@@ -55,7 +55,7 @@ from transformers.utils import logging as hf_logging
 from .. import _memory
 from ..convert import memory_footprint
 from ..eval import models as named_models
-from ..nn import set_batch_invariant
+from ..nn import Embedding8bit, set_batch_invariant
 from .hf import LLMInt8Config
 
 DEFAULT_HOST = "127.0.0.1"
@@ -110,6 +110,7 @@ def load_for_serving(
     progress: Callable | None = None,
     name: str | None = None,
     quantize_head: bool = False,
+    int8_embedding: bool = False,
     batch_invariant: bool = False,
 ) -> ServedModel:
     """Build the model to serve.
@@ -125,12 +126,16 @@ def load_for_serving(
     quantize_head: llm-int8 only: the output head in int8 too, and an input embedding tied to it as
         ``Embedding8bit`` sharing its codes (``LLMInt8Config(quantize_head=True)``; docs/serve.md says what
         it costs).
+    int8_embedding: llm-int8 only: an input embedding that is not tied to an int8 head (Qwen2.5's GGUF files
+        carry their own head) stored as vector-wise int8 rows too (``Embedding8bit``: a lookup dequantizes the
+        rows it reads), for the memory of a server; a tied one needs ``quantize_head``, which shares the head's codes.
     batch_invariant: llm-int8 only: every int8 layer in the batch-invariant decomposition
         (:func:`llm_int8.set_batch_invariant`), for continuous batching.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    options = tuple(o for o, on in (("head int8", quantize_head), ("batch-invariant", batch_invariant)) if on)
+    options = tuple(o for o, on in (("head int8", quantize_head), ("embedding int8", int8_embedding),
+                                    ("batch-invariant", batch_invariant)) if on)
     if options and quantization != LLM_INT8:
         raise ValueError(f"{' and '.join(options)} apply to llm-int8 only, not to {quantization}")
     start = time.perf_counter()
@@ -145,9 +150,9 @@ def load_for_serving(
             )
         if quantization != LLM_INT8:
             raise ValueError(f"{model} is a saved llm-int8 checkpoint; it serves as llm-int8 only, not {quantization}")
-        if quantize_head:
-            raise ValueError(f"{model} is a saved llm-int8 checkpoint, served as it was saved; quantize_head applies when "
-                             "quantizing (serve the float original with it, or save the model with quantize_head=True)")
+        if quantize_head or int8_embedding:
+            raise ValueError(f"{model} is a saved llm-int8 checkpoint, served as it was saved; quantize_head and "
+                             "int8_embedding apply when quantizing (serve the float original with them)")
         lm, tokenizer = _load_saved(directory)
     elif quantization == LLM_INT8:
         config = LLMInt8Config(threshold=threshold, quantize_head=quantize_head)
@@ -164,11 +169,33 @@ def load_for_serving(
                 lm(input_ids=torch.zeros(1, 1, dtype=torch.long))
             _memory.trim_heap()
     lm.eval().requires_grad_(False)
+    if int8_embedding:
+        _int8_input_embedding(lm)
     if batch_invariant:
         set_batch_invariant(lm)
     if name is None:
         name = canonical if canonical in named_models.MODEL_NAMES else directory.resolve().name
     return ServedModel(name, lm, tokenizer, quantization, memory_footprint(lm), time.perf_counter() - start, options)
+
+
+def _int8_input_embedding(lm) -> None:
+    """Replace ``lm``'s float input embedding by an ``Embedding8bit`` quantized from it (each row with its own
+    absmax), and free the float table. One tied to an int8 head is int8 already (``quantize_head``)."""
+    embedding = lm.get_input_embeddings()
+    if isinstance(embedding, Embedding8bit):
+        return
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise ValueError(f"int8_embedding: the input embedding is a {type(embedding).__name__}, not an nn.Embedding")
+    head = lm.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        raise ValueError("int8_embedding: the input embedding is tied to a float head; add quantize_head, which puts "
+                         "both in int8 with one copy of the codes")
+    table = Embedding8bit(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                          dtype=embedding.weight.dtype)
+    table.load_state_dict({"weight": embedding.weight.detach()})  # a float weight is quantized on load
+    lm.set_input_embeddings(table)
+    del embedding
+    _memory.trim_heap()
 
 
 def _load_saved(directory: Path):
