@@ -93,10 +93,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
 
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
     from llm_int8 import set_batch_invariant
     from llm_int8.eval.speed import cpu_name
     from llm_int8.integrations.serve import load_for_serving
 
+    hf_logging.set_verbosity_error()  # no line per generate_batch ("eos_token_id not set ...")
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     began = time.perf_counter()
     print(f"bench_invariance: {args.model}, {args.prompts} prompts, {args.max_tokens} greedy tokens, continuous batching "
           f"(transformers' manager, the server's bounded cache); CPU: {cpu_name()}, {os.cpu_count()} cores, load average "
