@@ -221,6 +221,8 @@ def test_load_for_serving_int8_embedding_of_an_untied_model(tiny_dir):
     with torch.no_grad():
         assert torch.equal(table(ids), table.dequantize()[ids])
         small.model(input_ids=ids)  # the model runs on it
+    with pytest.raises(TypeError, match="from_embedding expects an nn.Embedding, got Linear"):
+        Embedding8bit.from_embedding(torch.nn.Linear(2, 2))
 
 
 def test_continuous_batching_gets_a_bounded_cache(tiny_dir):

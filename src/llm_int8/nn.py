@@ -336,6 +336,19 @@ class Embedding8bit(nn.Module):
         self.register_buffer("SCB", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
 
     @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Embedding8bit":
+        """A float ``nn.Embedding`` quantized into a new module (each row with its own absmax), for a table
+        no head shares (an untied one; a tied one goes with its head: :meth:`tied_to`)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta",
+                     dtype=embedding.weight.dtype)
+        weight_int8, weight_absmax = F.quantize_weight(embedding.weight.detach(), "embedding.weight")
+        module.weight = nn.Parameter(weight_int8, requires_grad=False)
+        module.SCB = weight_absmax
+        return module
+
+    @classmethod
     def tied_to(cls, head: Linear8bitLt, embedding: nn.Embedding) -> "Embedding8bit":
         """The int8 version of ``embedding`` (an ``nn.Embedding`` tied to ``head``'s float weight before
         ``head`` was quantized) that holds ``head``'s own ``weight`` and ``SCB`` tensors."""

@@ -190,10 +190,7 @@ def _int8_input_embedding(lm) -> None:
     if head is not None and getattr(head, "weight", None) is embedding.weight:
         raise ValueError("int8_embedding: the input embedding is tied to a float head; add quantize_head, which puts "
                          "both in int8 with one copy of the codes")
-    table = Embedding8bit(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                          dtype=embedding.weight.dtype)
-    table.load_state_dict({"weight": embedding.weight.detach()})  # a float weight is quantized on load
-    lm.set_input_embeddings(table)
+    lm.set_input_embeddings(Embedding8bit.from_embedding(embedding))
     del embedding
     _memory.trim_heap()
 
