@@ -236,14 +236,7 @@ def main() -> None:
             s.stop()
     stats = {s.method: stats[s.method] for s in servers}
 
-    offline_line = None
     int8_methods = [m for m in stats if m.startswith("llm-int8")]
-    if args.offline_check and int8_methods:
-        k, method = indices[: args.offline_check], int8_methods[0]
-        offline = offline_replies(args.model, method, k, args.max_tokens)
-        same = sum(offline[i] == stats[method]["alone"][i] for i in k)
-        offline_line = f"{method} alone = offline generate() in this process: {same} of {len(k)} prompts"
-
     base = stats.get("fp32")
     bnb = stats.get("bnb-8bit")
     tps = {m: st["tokens"] / st["wall"] for m, st in stats.items()}
@@ -266,8 +259,6 @@ def main() -> None:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     print(f"(tokens/s: all generated tokens over the wall time, {args.rounds} interleaved rounds; latency: request sent -> full "
           f"reply; replies = alone: loaded replies equal to the same prompt's reply sent alone; RSS: server process once loaded)")
-    if offline_line:
-        print(offline_line)
     for method, why in failed.items():
         print(f"{method}: FAILED ({why.splitlines()[0]})")
     for method in int8_methods if base else []:
@@ -277,7 +268,12 @@ def main() -> None:
         goals.append(f"server RSS {method} / fp32 {rss[method] / rss['fp32']:.2f}x, peak {stats[method]['peak'] / stats['fp32']['peak']:.2f}x "
                      "(goal <= 0.45)")
         print("goals at C={}: {}".format(args.concurrency, "; ".join(goals)))
-    print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    if args.offline_check and int8_methods:  # last: the table is printed whatever happens here
+        k, method = indices[: args.offline_check], int8_methods[0]
+        offline = offline_replies(args.model, method, k, args.max_tokens)
+        same = sum(offline[i] == stats[method]["alone"][i] for i in k)
+        print(f"{method} alone = offline generate() in this process: {same} of {len(k)} prompts")
 
 
 if __name__ == "__main__":
