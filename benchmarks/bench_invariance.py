@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds of together (llm-int8 modes interleaved)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the llm-int8 modes, interleaved (the others: one)")
     parser.add_argument("--windows", type=int, default=8, help="perplexity windows (0: skip perplexity)")
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -114,7 +114,7 @@ def main() -> None:
         model, tokenizer = served.model, served.tokenizer
         inputs = [tokenizer(prompt(i))["input_ids"] for i in range(args.prompts)]
         modes = [m for m in args.methods if m == quantization or (quantization == "llm-int8" and m.startswith("llm-int8"))]
-        for r in range(args.rounds):
+        for r in range(args.rounds if quantization == "llm-int8" else 1):  # the rounds time the two int8 modes
             for method in modes:
                 if quantization == "llm-int8":
                     set_batch_invariant(model, method == "llm-int8-invariant")
@@ -150,7 +150,7 @@ def main() -> None:
     for row in [header, ["-" * w for w in widths]] + rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     print(f"(replies compared as token ids, first round; (*): a later round's replies differed from the first; tok/s: "
-          f"median over {args.rounds} rounds of all prompts together)")
+          f"all prompts together, median over the rounds: {args.rounds} for llm-int8's modes, 1 for the others)")
     if "llm-int8" in ppl and "llm-int8-invariant" in ppl:
         a, b = ppl["llm-int8"], ppl["llm-int8-invariant"]
         t = {m: statistics.median(run["tokens"] / run["seconds"] for run in results[m]) for m in ("llm-int8", "llm-int8-invariant")}
