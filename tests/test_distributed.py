@@ -98,18 +98,29 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+# launch -> the tests (name prefixes) that need it
+LAUNCH_USERS = {
+    "ddp": ("test_ddp_lora",), "one": ("test_ddp_lora",), "tp": ("test_tp_layers", "test_tp_model", "test_tp_bad"),
+    "missing": ("test_tp_a_rank",),
+}
+
+
 @pytest.fixture(scope="module")
-def launches(tiny_checkpoint, tmp_path_factory):
-    """Every multi-process run of this module, started together: name -> (Launch, its folder)."""
+def launches(request, tiny_checkpoint, tmp_path_factory):
+    """The multi-process runs the selected tests of this module need, started together: name -> (Launch, folder)."""
+    selected = [item.name for item in request.session.items if item.module is request.module]
+    needed = {name for name, users in LAUNCH_USERS.items() if any(t.startswith(users) for t in selected)}
     ddp, tp, missing = (tmp_path_factory.mktemp(name) for name in ("ddp", "tp", "missing"))
-    started = {
-        "ddp": (torchrun(PROBE, ddp / "probe{rank}.json", "--", "--model", tiny_checkpoint, *TRAIN_ARGS,
-                         "--out", ddp / "ddp", "--summary", ddp / "ddp.json", cwd=ddp), ddp),
-        "one": (Launch([sys.executable, EXAMPLE, "--model", tiny_checkpoint, *TRAIN_ARGS, "--grad-accum", "2",
-                        "--out", ddp / "one", "--summary", ddp / "one.json"], ddp), ddp),
-        "tp": (torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, tp / "rank{rank}.json", cwd=tp), tp),
-        "missing": (torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, "--missing-rank=1", cwd=missing), missing),
+    commands = {
+        "ddp": (lambda: torchrun(PROBE, ddp / "probe{rank}.json", "--", "--model", tiny_checkpoint, *TRAIN_ARGS,
+                                 "--out", ddp / "ddp", "--summary", ddp / "ddp.json", cwd=ddp), ddp),
+        "one": (lambda: Launch([sys.executable, EXAMPLE, "--model", tiny_checkpoint, *TRAIN_ARGS, "--grad-accum", "2",
+                                "--out", ddp / "one", "--summary", ddp / "one.json"], ddp), ddp),
+        "tp": (lambda: torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, tp / "rank{rank}.json", cwd=tp), tp),
+        "missing": (lambda: torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, "--missing-rank=1", cwd=missing),
+                    missing),
     }
+    started = {name: (start(), folder) for name, (start, folder) in commands.items() if name in needed}
     yield started
     for launch, _ in started.values():
         launch.stop()
