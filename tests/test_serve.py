@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 
+import llm_int8  # noqa: E402
 from llm_int8.eval.models import load_int8_model  # noqa: E402
 from llm_int8.nn import Linear8bitLt  # noqa: E402
 
@@ -182,6 +183,46 @@ def test_load_for_serving_baselines_and_refusals(tiny_dir, tmp_path):
         load_for_serving(str(other))
     with pytest.raises(FileNotFoundError, match="neither one of smollm2-135m"):
         load_for_serving(str(tmp_path / "missing"))
+
+
+def test_load_for_serving_head_in_int8_and_batch_invariant(tiny_dir):
+    from llm_int8.integrations.serve import load_for_serving, startup_text
+
+    plain = load_for_serving(str(tiny_dir / "float"))
+    served = load_for_serving(str(tiny_dir / "float"), quantize_head=True, batch_invariant=True)
+    assert isinstance(served.model.lm_head, Linear8bitLt) and not isinstance(plain.model.lm_head, Linear8bitLt)
+    assert served.memory_bytes < plain.memory_bytes
+    layers = [m for m in served.model.modules() if isinstance(m, Linear8bitLt)]
+    assert len(layers) == 2 * 7 + 1 and all(m.batch_invariant for m in layers)
+    assert not any(m.batch_invariant for m in plain.model.modules() if isinstance(m, Linear8bitLt))
+    assert served.options == ("head int8", "batch-invariant")
+    assert "\n  head int8, batch-invariant\n" in startup_text(served, "http://127.0.0.1:1", False, 0)
+    with pytest.raises(ValueError, match="head int8 and batch-invariant apply to llm-int8 only, not to fp32"):
+        load_for_serving(str(tiny_dir / "float"), "fp32", quantize_head=True, batch_invariant=True)
+    plain.model.save_pretrained(tiny_dir / "saved_plain")
+    plain.tokenizer.save_pretrained(tiny_dir / "saved_plain")
+    with pytest.raises(ValueError, match="served as it was saved; quantize_head and int8_embedding apply when quantizing"):
+        load_for_serving(str(tiny_dir / "saved_plain"), quantize_head=True)
+
+
+def test_load_for_serving_int8_embedding_of_an_untied_model(tiny_dir):
+    from llm_int8 import Embedding8bit
+    from llm_int8.integrations.serve import load_for_serving
+
+    plain = load_for_serving(str(tiny_dir / "float"), quantize_head=True)
+    small = load_for_serving(str(tiny_dir / "float"), quantize_head=True, int8_embedding=True)
+    float_table = plain.model.get_input_embeddings().weight
+    table = small.model.get_input_embeddings()
+    assert isinstance(table, Embedding8bit) and small.options == ("head int8", "embedding int8")
+    codes, scales = llm_int8.functional.quantize_weight(float_table)  # each row with its own absmax
+    assert torch.equal(table.weight, codes) and torch.equal(table.SCB, scales)
+    assert small.memory_bytes < plain.memory_bytes
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(table(ids), table.dequantize()[ids])
+        small.model(input_ids=ids)  # the model runs on it
+    with pytest.raises(TypeError, match="from_embedding expects an nn.Embedding, got Linear"):
+        Embedding8bit.from_embedding(torch.nn.Linear(2, 2))
 
 
 def test_continuous_batching_gets_a_bounded_cache(tiny_dir):

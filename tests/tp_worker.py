@@ -1,6 +1,7 @@
 """One rank of the tensor-parallel checks in tests/test_distributed.py (run under torchrun, 2 processes).
 
     torchrun --standalone --nproc-per-node 2 tests/tp_worker.py CHECKPOINT OUT.json
+    torchrun --standalone --nproc-per-node 2 tests/tp_worker.py CHECKPOINT --missing-rank=1   (must fail)
 
 Writes OUT.json (``{rank}`` replaced) with what each check measured; the test asserts on it. Each
 check that must fail records the error class and message instead of raising.
@@ -99,6 +100,8 @@ def layer_checks(out: dict, calibrated: bool) -> None:
 
         out["indivisible"] = _error(lambda: parallelize_module(
             Linear8bitLt.from_weight(torch.randn(5, 8)), _mesh(), Int8ColwiseParallel()))
+        out["indivisible_rowwise"] = _error(lambda: parallelize_module(
+            Linear8bitLt.from_weight(torch.randn(8, 5)), _mesh(), Int8RowwiseParallel()))
         out["not_int8"] = _error(lambda: parallelize_module(nn.Linear(8, 8), _mesh(), Int8RowwiseParallel()))
         out["twice"] = _error(lambda: parallelize_module(col, _mesh(), Int8ColwiseParallel()))
 
@@ -174,15 +177,37 @@ def model_checks(checkpoint: str, out: dict) -> None:
     other.lm_head.weight.requires_grad_(True)
     out["ddp_threshold_mismatch"] = _error(lambda: keep_frozen_local(other))
     other = load()
+    if rank == 1:  # a rank that loaded one layer in float (another quantization config): another model
+        layer = other.model.layers[1].mlp.down_proj
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        linear.weight.data = layer.dequantize()
+        other.model.layers[1].mlp.down_proj = linear
+    out["model_mismatch"] = _error(lambda: tensor_parallel(other))
+    other = load()
     other.config.num_attention_heads, other.config.num_key_value_heads = 3, 3
     out["heads"] = _error(lambda: tensor_parallel(other))
     out["mlp_only_plan_keys"] = sorted(k for k in default_plan(other) if "mlp" in k)
+
+
+def missing_checkpoint(checkpoint: str, missing_rank: int) -> None:
+    """Rank ``missing_rank`` is pointed at a checkpoint folder that does not exist; the others load theirs and
+    go on to shard. The launch must fail (that rank's error, the others stopped), not hang."""
+    import transformers
+
+    from llm_int8 import LLMInt8Config
+
+    path = checkpoint + "-missing" if dist.get_rank() == missing_rank else checkpoint
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=LLMInt8Config(threshold=THRESHOLD))
+    tensor_parallel(model)  # the other ranks wait here for the missing one: torchrun must stop them
+    raise AssertionError("tensor_parallel returned on a rank although another rank has no checkpoint")
 
 
 def main():
     checkpoint, out_path = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    if out_path.startswith("--missing-rank="):
+        missing_checkpoint(checkpoint, int(out_path.split("=", 1)[1]))
     out: dict = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
     layer_checks(out, calibrated=False)
     layer_checks(out, calibrated=True)

@@ -14,7 +14,7 @@ from . import functional
 from .convert import Int8Config, QuantizeReport, memory_footprint, quantize_
 from .decode import lean_decoding
 from .integrations import call_when_imported, transformers_problem
-from .nn import Embedding8bit, Linear8bitLt
+from .nn import Embedding8bit, Linear8bitLt, set_batch_invariant
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "lean_decoding",
     "memory_footprint",
     "quantize_",
+    "set_batch_invariant",
 ]
 
 

@@ -361,6 +361,7 @@ def cmd_serve(args, progress):
     try:
         served = serve.load_for_serving(
             args.model, args.quantization, gguf_file=args.gguf_file, threshold=args.threshold, progress=progress, name=args.name,
+            quantize_head=args.quantize_head, int8_embedding=args.int8_embedding, batch_invariant=args.batch_invariant,
         )
     except KeyboardInterrupt:
         print("\nllm-int8 serve: interrupted while loading; nothing was served", file=sys.stderr)
@@ -477,6 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="llm-int8 (default), or a baseline: fp32, bitsandbytes 0.50.2 8-bit")
     srv.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
     srv.add_argument("--name", default=None, help="model id clients send and /v1/models lists (default: the model's name)")
+    srv.add_argument("--quantize-head", action="store_true",
+                     help="llm-int8: the output head in int8 too (a tied input embedding shares its codes): less memory, "
+                          "faster decoding, a little more perplexity (docs/serve.md)")
+    srv.add_argument("--int8-embedding", action="store_true",
+                     help="llm-int8: an input embedding not tied to the head (Qwen2.5's GGUF files) in int8 rows too, "
+                          "for memory (docs/serve.md)")
+    srv.add_argument("--batch-invariant", action="store_true",
+                     help="llm-int8: each row decomposes only its own outliers, so that with --continuous-batching the int8 "
+                          "layers give a request the same numbers whatever else is batched with it (docs/serve.md)")
     srv.add_argument("--continuous-batching", action="store_true",
                      help="batch concurrent requests (transformers' paged attention); off by default: replies then depend "
                           "on the other traffic and the first request's sampling settings hold for all (docs/serve.md)")

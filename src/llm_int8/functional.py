@@ -275,6 +275,74 @@ def int8_mixed_linear(
 _FP_COLS_REMEDY = "pass distinct int64 column indices in [0, K) and their float weight columns [N, F]"
 
 
+def int8_mixed_linear_per_row(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    weight_absmax: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = 6.0,
+    fp_cols: torch.Tensor | None = None,
+    fp_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The batch-invariant LLM.int8() forward: each row of x decomposes only its own outliers.
+
+    :func:`int8_mixed_linear` takes a column out of the int8 product for every row when any row
+    holds an outlier in it, so a row's result depends on the other rows of the batch. Here the float
+    path of row i holds only the entries of row i with ``|x| >= threshold`` (and the calibrated
+    ``fp_cols``, for every row); the rest of the row is quantized with its own absmax. Row i's output
+    is then the same bit for bit whatever else is in x: the int8 product is exact per row (int32),
+    its dequantization is per element, and the float entries are added one decomposed column at a
+    time, in a fixed order (found columns ascending, then ``fp_cols``), where the columns of the
+    other rows add exact zeros. Same arguments and result shape as :func:`int8_mixed_linear`.
+    """
+    _check_int8_weight(weight_int8, weight_absmax)
+    threshold = _check_threshold(threshold)
+    n, k = weight_int8.shape
+    check_linear_input(x, (n, k), weight_int8.device)
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
+    _check_same_device(x=x, weight_int8=weight_int8, weight_absmax=weight_absmax, bias=bias)
+    if fp_cols is not None or fp_weight is not None:
+        saved_format.validate_fp_columns(
+            fp_cols, fp_weight, n, k, "int8_mixed_linear_per_row", remedy=_FP_COLS_REMEDY,
+            check_values=not torch.compiler.is_compiling(), error=ValueError,
+        )
+    return per_row_mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+
+
+def per_row_mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight) -> torch.Tensor:
+    """:func:`int8_mixed_linear_per_row` on x [..., K] -> [..., N], arguments already checked."""
+    rows = _as_rows(x)
+    xf = rows.float()
+    if threshold > 0.0:  # the outlier test of reference.outlier_columns, per entry (NaN never an outlier)
+        own = xf.abs().nan_to_num_(nan=0.0) >= threshold
+    else:
+        own = torch.zeros(xf.shape, dtype=torch.bool, device=xf.device)
+    if fp_cols is not None and fp_cols.numel():
+        own[:, fp_cols] = True
+    x_main = xf.masked_fill(own, 0.0)
+    # the int8 part: x_main's rows quantized each with its own absmax, no decomposition (threshold 0)
+    kernel = eager_kernel(x_main, weight_int8, None)
+    if kernel is not None:
+        out = kernel(x_main, weight_int8, weight_absmax, None, 0.0, None, None)
+    else:
+        out = _ops.int8_mixed_linear(x_main, weight_int8, weight_absmax, None, 0.0, None, None)
+    found = own.any(dim=0).nonzero().view(-1)
+    if fp_cols is not None and fp_cols.numel():
+        found = found[~torch.isin(found, fp_cols)]
+        cols = torch.cat([found, fp_cols])
+    else:
+        cols = found
+    if cols.numel():
+        w_cols = reference.decomposed_weight(weight_int8, weight_absmax, found, fp_weight)  # float32 [N, C]
+        x_cols = xf[:, cols].masked_fill(~own[:, cols], 0.0)  # each row's own entries; exact zeros elsewhere
+        for c in range(cols.numel()):  # one column at a time: each element sums its terms in column order
+            out = out.add_(x_cols[:, c : c + 1] * w_cols[:, c])
+    if bias is not None:
+        out = out.add_(bias.float())
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight_int8.shape[0])
+
+
 def check_linear_input(x: torch.Tensor, weight_shape: tuple[int, int], device: torch.device) -> None:
     """x must be a float tensor [..., K] on ``device``, for a weight [N, K] (no host sync: safe on every call)."""
     _check_float_input(x)

@@ -152,7 +152,15 @@ class Linear8bitLt(nn.Module):
     def weight_absmax(self) -> torch.Tensor:
         return self.SCB
 
+    #: Batch-invariant mode (:func:`set_batch_invariant`): each row of x decomposes only its own outliers
+    #: (:func:`llm_int8.functional.int8_mixed_linear_per_row`), so that a row's output does not depend on
+    #: the other rows of the batch. Off by default: the paper's decomposition takes whole columns.
+    batch_invariant = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            F.check_linear_input(x, (self.out_features, self.in_features), self.weight.device)
+            return F.per_row_mixed_linear_op(x, self.weight, self.SCB, self.bias, self.threshold, self.fp_cols, self.fp_weight)
         params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ is slow per layer call)
         weight, bias = params["weight"], params.get("bias")
         kernel = F.eager_kernel(x, weight, bias)
@@ -270,6 +278,24 @@ class Linear8bitLt(nn.Module):
         return out
 
 
+def set_batch_invariant(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every ``Linear8bitLt`` of ``model`` to (or back from) the batch-invariant decomposition.
+
+    With it, each row of a layer's input decomposes only its own outlier entries, so the int8
+    layers give a row the same output bit for bit whatever other rows share its batch (continuous
+    batching in a server, padding, a larger eval batch); what else in the model sums across rows
+    (attention over a paged cache, float layers whose kernel depends on the batch size) is not
+    changed by it (docs/serve.md). Costs a little speed; the state dict is unchanged.
+    Returns the number of layers switched.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+    for layer in layers:
+        layer.batch_invariant = enabled
+    return len(layers)
+
+
 class Embedding8bit(nn.Module):
     """An ``nn.Embedding`` whose table is stored as vector-wise int8: row ``i`` is ``weight[i] * SCB[i] / 127``.
 
@@ -308,6 +334,19 @@ class Embedding8bit(nn.Module):
             torch.zeros((num_embeddings, embedding_dim), dtype=torch.int8, device=device), requires_grad=False
         )
         self.register_buffer("SCB", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Embedding8bit":
+        """A float ``nn.Embedding`` quantized into a new module (each row with its own absmax), for a table
+        no head shares (an untied one; a tied one goes with its head: :meth:`tied_to`)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta",
+                     dtype=embedding.weight.dtype)
+        weight_int8, weight_absmax = F.quantize_weight(embedding.weight.detach(), "embedding.weight")
+        module.weight = nn.Parameter(weight_int8, requires_grad=False)
+        module.SCB = weight_absmax
+        return module
 
     @classmethod
     def tied_to(cls, head: Linear8bitLt, embedding: nn.Embedding) -> "Embedding8bit":

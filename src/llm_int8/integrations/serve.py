@@ -55,6 +55,7 @@ from transformers.utils import logging as hf_logging
 from .. import _memory
 from ..convert import memory_footprint
 from ..eval import models as named_models
+from ..nn import Embedding8bit, set_batch_invariant
 from .hf import LLMInt8Config
 
 DEFAULT_HOST = "127.0.0.1"
@@ -82,6 +83,7 @@ class ServedModel:
     quantization: str
     memory_bytes: int  # parameters and buffers (llm_int8.convert.memory_footprint)
     load_seconds: float
+    options: tuple[str, ...] = ()  # how the int8 model differs from the default ("head int8", "batch-invariant")
 
     @property
     def context_length(self) -> int | None:
@@ -107,6 +109,9 @@ def load_for_serving(
     threshold: float = 6.0,
     progress: Callable | None = None,
     name: str | None = None,
+    quantize_head: bool = False,
+    int8_embedding: bool = False,
+    batch_invariant: bool = False,
 ) -> ServedModel:
     """Build the model to serve.
 
@@ -118,9 +123,21 @@ def load_for_serving(
         (bitsandbytes 0.50.2's ``Linear8bitLt`` with the paper's threshold, in place of the same layers).
     progress: wraps the loader's iteration over tensors (e.g. a tqdm factory ``desc -> iterable -> iterable``).
     name: the model id clients use (default: the named model, or the directory's name).
+    quantize_head: llm-int8 only: the output head in int8 too, and an input embedding tied to it as
+        ``Embedding8bit`` sharing its codes (``LLMInt8Config(quantize_head=True)``; docs/serve.md says what
+        it costs).
+    int8_embedding: llm-int8 only: an input embedding that is not tied to an int8 head (Qwen2.5's GGUF files
+        carry their own head) stored as vector-wise int8 rows too (``Embedding8bit``: a lookup dequantizes the
+        rows it reads), for the memory of a server; a tied one needs ``quantize_head``, which shares the head's codes.
+    batch_invariant: llm-int8 only: every int8 layer in the batch-invariant decomposition
+        (:func:`llm_int8.set_batch_invariant`), for continuous batching.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    options = tuple(o for o, on in (("head int8", quantize_head), ("embedding int8", int8_embedding),
+                                    ("batch-invariant", batch_invariant)) if on)
+    if options and quantization != LLM_INT8:
+        raise ValueError(f"{' and '.join(options)} apply to llm-int8 only, not to {quantization}")
     start = time.perf_counter()
     canonical = named_models.canonical_name(model)
     directory = Path(model)
@@ -133,9 +150,13 @@ def load_for_serving(
             )
         if quantization != LLM_INT8:
             raise ValueError(f"{model} is a saved llm-int8 checkpoint; it serves as llm-int8 only, not {quantization}")
+        if quantize_head or int8_embedding:
+            raise ValueError(f"{model} is a saved llm-int8 checkpoint, served as it was saved; quantize_head and "
+                             "int8_embedding apply when quantizing (serve the float original with them)")
         lm, tokenizer = _load_saved(directory)
     elif quantization == LLM_INT8:
-        lm, tokenizer = named_models.load_int8_model(model, gguf_file, LLMInt8Config(threshold=threshold), progress=progress)
+        config = LLMInt8Config(threshold=threshold, quantize_head=quantize_head)
+        lm, tokenizer = named_models.load_int8_model(model, gguf_file, config, progress=progress)
     else:
         lm, tokenizer = named_models.load_model(model, gguf_file, progress=progress)
         if quantization == BNB_8BIT:
@@ -148,9 +169,30 @@ def load_for_serving(
                 lm(input_ids=torch.zeros(1, 1, dtype=torch.long))
             _memory.trim_heap()
     lm.eval().requires_grad_(False)
+    if int8_embedding:
+        _int8_input_embedding(lm)
+    if batch_invariant:
+        set_batch_invariant(lm)
     if name is None:
         name = canonical if canonical in named_models.MODEL_NAMES else directory.resolve().name
-    return ServedModel(name, lm, tokenizer, quantization, memory_footprint(lm), time.perf_counter() - start)
+    return ServedModel(name, lm, tokenizer, quantization, memory_footprint(lm), time.perf_counter() - start, options)
+
+
+def _int8_input_embedding(lm) -> None:
+    """Replace ``lm``'s float input embedding by an ``Embedding8bit`` quantized from it (each row with its own
+    absmax), and free the float table. One tied to an int8 head is int8 already (``quantize_head``)."""
+    embedding = lm.get_input_embeddings()
+    if isinstance(embedding, Embedding8bit):
+        return
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise ValueError(f"int8_embedding: the input embedding is a {type(embedding).__name__}, not an nn.Embedding")
+    head = lm.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        raise ValueError("int8_embedding: the input embedding is tied to a float head; add quantize_head, which puts "
+                         "both in int8 with one copy of the codes")
+    lm.set_input_embeddings(Embedding8bit.from_embedding(embedding))
+    del embedding
+    _memory.trim_heap()
 
 
 def _load_saved(directory: Path):
@@ -368,7 +410,8 @@ def startup_text(served: ServedModel, url: str, continuous_batching: bool, rss_b
     return (
         f"serving {served.name} ({served.quantization}) at {url}/v1  (OpenAI-compatible: /v1/chat/completions, "
         f"/v1/completions, /v1/models; {url}/health)\n"
-        f"  model memory {served.memory_bytes / MiB:.0f} MiB (parameters + buffers), process RSS {rss_bytes / MiB:.0f} MiB; "
+        + (f"  {', '.join(served.options)}\n" if served.options else "")
+        + f"  model memory {served.memory_bytes / MiB:.0f} MiB (parameters + buffers), process RSS {rss_bytes / MiB:.0f} MiB; "
         f"loaded in {served.load_seconds:.1f} s; continuous batching {'on' if continuous_batching else 'off'}; "
         f"context {served.context_length} tokens\n"
         "  Ctrl-C or SIGTERM stops it"
