@@ -35,16 +35,30 @@ BNB_PIP = "pip install bitsandbytes==0.50.2 (the 'dev' extra of llm-int8)"
 
 
 class WeightOnlyInt8Linear(nn.Module):
-    """Vector-wise int8 weights dequantized to float; activations stay float (not W8A8: the floor)."""
+    """Vector-wise int8 weights dequantized to float; activations stay float (not W8A8: the floor).
 
-    def __init__(self, weight: torch.Tensor, bias, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+    Holds the int8 codes and row absmax and dequantizes them at each forward (to the float weight's
+    dtype, then x's), so the method costs a quarter of the float weight's memory beside the float
+    model, not a second float copy of it."""
+
+    def __init__(
+        self, weight: torch.Tensor | None, bias, codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        """From the float ``weight`` [N, K] (rounded to nearest), or from ``codes`` (int8 [N, K], absmax [N])
+        with ``weight`` None and the float ``dtype`` they dequantize to."""
         super().__init__()
+        if codes is None and weight is None:
+            raise ValueError("WeightOnlyInt8Linear needs a float weight or int8 codes with their row absmax")
         weight_int8, weight_absmax = F.quantize_weight(weight.detach()) if codes is None else codes
-        self.register_buffer("weight_dequant", F.dequantize_weight(weight_int8, weight_absmax, weight.dtype))
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_absmax", weight_absmax)
+        self.weight_dtype = dtype if weight is None else weight.dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        return nn.functional.linear(x, self.weight_dequant.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        weight = F.dequantize_weight(self.weight_int8, self.weight_absmax, self.weight_dtype).to(x.dtype)
+        return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class CastThroughFp16(nn.Module):
