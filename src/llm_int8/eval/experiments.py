@@ -24,7 +24,7 @@ from . import baselines
 from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
 from .hooks import LinearInputHooks
-from .methods import METHODS, bitsandbytes_available, build_method
+from .methods import METHODS, PAPER_THRESHOLD, bitsandbytes_available, build_method
 from .models import (
     bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, resolve_model, tokenize,
 )
@@ -466,6 +466,59 @@ def check_calibration(model: nn.Module, method: str, baseline: str, windows: tor
     candidate = perplexity(build_method(model, method, context), windows)
     change = paired_change(candidate, base)
     return CalibrationCheck(method, baseline, change.change < 0.0, change, int(windows.shape[0]))
+
+
+ACTIVATION_STRENGTHS = (0.25, 0.5)  # migration strengths tried (0: none)
+ACTIVATION_THRESHOLDS = (4.0, 6.0, 8.0)  # alphas tried
+
+
+@dataclass
+class ActivationChoice:
+    """The activation-side setting (migration strength, alpha) that scored best on calibration windows, and
+    whether it beat plain LLM.int8() (alpha = 6, no migration) on validation windows: kept only then."""
+
+    strength: float  # 0.0: no migration
+    threshold: float
+    migration: object | None  # a smooth.Migration (None for strength 0)
+    candidates: list[dict]  # {"strength", "threshold", "perplexity"} on the calibration windows
+    check: CalibrationCheck | None  # None when plain LLM.int8() itself scored best: nothing to keep
+
+    @property
+    def kept(self) -> bool:
+        return self.check is not None and self.check.kept
+
+    def to_dict(self) -> dict:
+        return {"strength": self.strength, "threshold": self.threshold, "kept": self.kept, "candidates": self.candidates,
+                "check": None if self.check is None else self.check.to_dict()}
+
+
+def choose_activation_setting(
+    model: nn.Module, calibration: torch.Tensor, validation: torch.Tensor, strengths=ACTIVATION_STRENGTHS,
+    thresholds=ACTIVATION_THRESHOLDS, progress: ProgressFactory = _no_progress,
+) -> ActivationChoice:
+    """Try each migration strength (with 0, none) and alpha with LLM.int8() and round-to-nearest codes
+    (:mod:`.smooth`), pick the lowest perplexity on the ``calibration`` windows, and keep it only if it beats
+    LLM.int8() at alpha = 6 without migration on the ``validation`` windows (same tokens, paired)."""
+    from .smooth import Migration, migration_scales
+
+    migrations = {0.0: Migration({}, {}, 0.0)}
+    for strength in strengths:
+        migrations[float(strength)] = migration_scales(model, calibration, float(strength))
+    candidates = []
+    for strength, migration in migrations.items():
+        for threshold in thresholds:
+            method = build_method(model, "llm_int8_smooth", {"migration": migration, "threshold": float(threshold)})
+            result = perplexity(method, calibration, progress(f"strength {strength:g}, alpha {threshold:g}"))
+            candidates.append({"strength": strength, "threshold": float(threshold), "perplexity": result.perplexity})
+            del method
+    best = min(candidates, key=lambda c: c["perplexity"])
+    strength, threshold = best["strength"], best["threshold"]
+    migration = migrations[strength] if strength > 0 else None
+    check = None
+    if strength > 0 or threshold != PAPER_THRESHOLD:
+        check = check_calibration(model, "llm_int8_smooth", "llm_int8", validation,
+                                  {"migration": migrations[strength], "threshold": threshold})
+    return ActivationChoice(strength, threshold, migration, candidates, check)
 
 
 def calibration_split(held_out: torch.Tensor, n_calibration: int, n_validation: int, seq_len: int, bos: int | None):

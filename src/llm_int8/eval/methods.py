@@ -185,8 +185,25 @@ def _llm_int8_gptq(model, context):
     from .rounding import apply_rounding
 
     rounding = _rounding(context, "llm_int8_gptq")
-    quantize_(model, Int8Config(threshold=PAPER_THRESHOLD))
-    apply_rounding(model, rounding)
+    quantize_(model, Int8Config(threshold=context.get("threshold", PAPER_THRESHOLD)))
+    apply_rounding(model, rounding)  # with the rounding's migration, if any (its norms are migrated too)
+    return model
+
+
+def _llm_int8_smooth(model, context):
+    """LLM.int8() with the activation scale migrated into the norms and the int8 weights (:mod:`.smooth`),
+    round-to-nearest codes of W s, at ``context['threshold']`` (default 6)."""
+    from ..nn import Linear8bitLt
+    from .smooth import migrate_norms, migrated_weight
+
+    migration = context.get("migration")
+    if migration is None:
+        raise ValueError("the method 'llm_int8_smooth' needs a migration (see llm_int8.eval.smooth.migration_scales)")
+    threshold = context.get("threshold", PAPER_THRESHOLD)
+    scales = migration.layer_scales()
+    migrate_norms(model, migration)
+    replace_linears(model, lambda m, name: Linear8bitLt.from_weight(
+        migrated_weight(_float_weight(m), scales.get(name)), m.bias, threshold, name=f"{name}.weight"))
     return model
 
 
@@ -250,6 +267,7 @@ METHODS: dict[str, Method] = {
         Method("w8_only", "int8 weights only, fp32 activations", _w8_only),
         Method("llm_int8_gptq", "LLM.int8() + GPTQ-rounded codes", _llm_int8_gptq),
         Method("w8_gptq", "GPTQ int8 weights only, fp32 activations", _w8_gptq),
+        Method("llm_int8_smooth", "LLM.int8() + migrated activation scale", _llm_int8_smooth),
         Method("bitsandbytes_gptq", "bitsandbytes 0.50.2 on our GPTQ codes", _bitsandbytes_gptq),
     ]
 }
@@ -264,7 +282,9 @@ def build_method(model: nn.Module, name: str, context: dict | None = None) -> nn
     shares its float tensors unless the method casts them).
 
     ``context`` carries what some methods need: ``calibration`` (a :class:`CalibrationPlan`) for
-    ``llm_int8_calibrated``; ``rounding`` (a :class:`.rounding.RoundingResult`) for the ``*_gptq`` methods.
+    ``llm_int8_calibrated``; ``rounding`` (a :class:`.rounding.RoundingResult`) for the ``*_gptq`` methods;
+    ``migration`` (a :class:`.smooth.Migration`) for ``llm_int8_smooth``; ``threshold`` (alpha, default 6)
+    for ``llm_int8_smooth``, ``llm_int8_gptq`` and ``llm_int8_calibrated``.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")

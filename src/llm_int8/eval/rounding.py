@@ -152,10 +152,12 @@ class RoundingResult:
     error_gptq: dict[str, float]
     n_positions: int
     seconds: float
+    migration: object | None = None  # a smooth.Migration the codes were computed under (norms to migrate with them)
 
     def to_dict(self) -> dict:
         return {
             "n_positions": self.n_positions, "seconds": self.seconds,
+            "migration": None if self.migration is None else self.migration.to_dict(),
             "layers": {name: {"rtn": self.error_rtn[name], "gptq": self.error_gptq[name]} for name in self.error_rtn},
         }
 
@@ -175,11 +177,21 @@ def _groups(layers: list[tuple[str, nn.Module, int]], budget: int) -> list[set[s
     return groups
 
 
-def _round_site(site: Site, hessian: torch.Tensor, modules: dict, damp: float, result: RoundingResult) -> None:
-    """GPTQ codes and output errors of the layers fed one input (``site``), into ``result``."""
+def _round_site(
+    site: Site, hessian: torch.Tensor, modules: dict, damp: float, result: RoundingResult, scales: dict | None = None,
+) -> None:
+    """GPTQ codes and output errors of the layers fed one input (``site``), into ``result``. ``scales``: the
+    migration's s per layer (:mod:`.smooth`): the weights are W s and their inputs x / s, so H becomes
+    H / (s s^T)."""
     # GPTQ treats rows independently given H: the layers of one site (q/k/v, gate/up) are rounded as
     # one stacked weight, sharing H's factorization and the column loop.
     weights = [_float_weight(modules[name]).detach().float() for name in site.names]
+    s = (scales or {}).get(site.names[0])
+    if s is not None:
+        if any((scales or {}).get(name) is not s for name in site.names):
+            raise ValueError(f"the layers fed one input ({', '.join(site.names)}) must share one migration scale")
+        weights = [w * s for w in weights]
+        hessian = hessian / torch.outer(s, s)
     stacked = torch.cat(weights)
     rtn, absmax = rtn_codes(stacked)
     codes = gptq_codes(stacked, hessian, absmax, damp)
@@ -244,7 +256,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 @torch.inference_mode()
 def gptq_rounding(
     model: nn.Module, windows: torch.Tensor, damp: float = DAMP, budget: int = HESSIAN_BUDGET,
-    progress: Progress | None = None, sequential: bool | None = None,
+    progress: Progress | None = None, sequential: bool | None = None, migration=None,
 ) -> RoundingResult:
     """GPTQ codes for every linear layer ``quantize_`` converts in the float ``model``, from the calibration
     ``windows`` (int64 [n, seq_len]); the model is not changed.
@@ -254,13 +266,17 @@ def gptq_rounding(
     (n x seq_len x hidden floats); then each block in turn runs on them, its layers' H are accumulated
     and solved, and its float outputs become the next block's inputs. One pass over the windows and
     one block's H in memory. Otherwise H of at most ``budget`` bytes is held at a time and the whole
-    model runs once per group of layers. Both see the same float inputs, so give the same codes."""
+    model runs once per group of layers. Both see the same float inputs, so give the same codes.
+
+    ``migration`` (a :class:`.smooth.Migration`): round W s against the inputs x / s of the migrated model
+    (the float model itself is not changed; :func:`apply_rounding` migrates the norms with the codes)."""
     start = time.perf_counter()
     layers = linear_layers(model)
     if not layers:
         raise ValueError("the model has no linear layers to quantize")
     modules = {name: module for name, module, _ in layers}
-    result = RoundingResult({}, {}, {}, {}, 0, 0.0)
+    result = RoundingResult({}, {}, {}, {}, 0, 0.0, migration)
+    scales = None if migration is None else migration.layer_scales()
     blocks = decoder_blocks(model, set(modules)) if sequential is not False else None
     if sequential and blocks is None:
         raise ValueError("sequential rounding needs every linear layer inside one list of decoder blocks")
@@ -274,13 +290,13 @@ def gptq_rounding(
                     out = block(*args, **kwargs)
                     outputs.append(_with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out))
             inputs = outputs
-            _solve_sites(hooks, modules, damp, result)
+            _solve_sites(hooks, modules, damp, result, scales)
     else:
         for index, group in enumerate(_groups(layers, budget)):
             with HessianHooks(model, group) as hooks:
                 for window in (progress or _identity)(list(windows)) if index == 0 else list(windows):
                     model(input_ids=window.unsqueeze(0))
-            _solve_sites(hooks, modules, damp, result)
+            _solve_sites(hooks, modules, damp, result, scales)
     missing = [name for name in modules if name not in result.codes]
     if missing:
         raise RuntimeError(f"no calibration input reached {len(missing)} layers ({', '.join(missing[:3])}, ...)")
@@ -288,20 +304,21 @@ def gptq_rounding(
     return result
 
 
-def _solve_sites(hooks: HessianHooks, modules: dict, damp: float, result: RoundingResult) -> None:
+def _solve_sites(hooks: HessianHooks, modules: dict, damp: float, result: RoundingResult, scales=None) -> None:
     for site in hooks.sites:
         if "hessian" not in site.stats:
             continue
         hessian = site.stats.pop("hessian")
         result.n_positions = hooks.n_positions[id(site)]
-        _round_site(site, hessian, modules, damp, result)
+        _round_site(site, hessian, modules, damp, result, scales)
         del hessian
 
 
 def apply_rounding(model: nn.Module, rounding: RoundingResult) -> list[str]:
     """Write the GPTQ codes and their row absmax (``SCB``) into the model's ``Linear8bitLt`` layers of the
     same names, in place (the layers' bound kernels see the new tensors); every rounded layer must be
-    found. Returns the names written."""
+    found. Where the codes were computed under a migration (:mod:`.smooth`), the norms' weights are
+    divided by its scales too. Returns the names written."""
     from ..nn import Linear8bitLt
 
     written = []
@@ -320,4 +337,8 @@ def apply_rounding(model: nn.Module, rounding: RoundingResult) -> list[str]:
     missing = sorted(set(rounding.codes) - set(written))
     if missing:
         raise ValueError(f"{len(missing)} rounded layers are not int8 layers of this model ({', '.join(missing[:3])}, ...)")
+    if rounding.migration is not None:
+        from .smooth import migrate_norms
+
+        migrate_norms(model, rounding.migration)
     return written
