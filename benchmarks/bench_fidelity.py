@@ -74,9 +74,10 @@ def load_average() -> str:
 class Record:
     """The results of one model, written to disk after every step."""
 
-    def __init__(self, folder: Path, info: dict):
+    def __init__(self, folder: Path, info: dict, stem: str = "results"):
         self.folder = folder
         self.info = info
+        self.stem = stem  # the files: STEM.json and, for the per-token NLLs, nll.pt (results) or STEM-nll.pt
         self.results: dict[str, dict[str, PerplexityResult]] = {}
 
     def add(self, corpus: str, name: str, result: PerplexityResult) -> None:
@@ -114,8 +115,9 @@ class Record:
         payload["results"] = {c: {n: r.to_dict() for n, r in rs.items()} for c, rs in self.results.items()}
         payload["paired"] = {c: self.extra_changes(c) for c in self.results}
         payload["peak_rss_mib"] = ex.peak_rss() / 2**20
-        (self.folder / "results.json").write_text(json.dumps(payload, indent=1, default=str))
-        torch.save({c: {n: r.token_nll for n, r in rs.items()} for c, rs in self.results.items()}, self.folder / "nll.pt")
+        (self.folder / f"{self.stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+        nll_file = "nll.pt" if self.stem == "results" else f"{self.stem}-nll.pt"
+        torch.save({c: {n: r.token_nll for n, r in rs.items()} for c, rs in self.results.items()}, self.folder / nll_file)
 
     def print_tables(self) -> None:
         for corpus, results in self.results.items():
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="results, GPTQ codes and checkpoints go to DIR/MODEL")
     parser.add_argument("--llama-f32", action="store_true", help="also score llama.cpp's F32 of the GGUF file")
+    parser.add_argument("--llama-only", action="store_true", help="only add the llama.cpp rows to a finished run in "
+                        "OUT/MODEL (its windows.pt and nll.pt), written to OUT/MODEL/llamacpp.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,6 +153,9 @@ def main() -> None:
           f"{load_average()}; bitsandbytes {'installed' if bitsandbytes_available() else 'NOT installed'}, "
           f"llama-cpp-python {'installed' if llamacpp.available() else 'NOT installed'}", flush=True)
     for model_name in args.model or ["smollm2-135m"]:
+        if args.llama_only:
+            llama_rows_only(model_name, args)
+            continue
         run_model(model_name, args)
         gc.collect()
         _memory.trim_heap()
@@ -164,6 +171,7 @@ def run_model(model_name: str, args) -> None:
     windows = {c: token_windows(texts[c][0], args.windows, args.seq_len, bos) for c in args.corpus}
     calibration = token_windows(texts[SHAKESPEARE][1], args.calib_windows, args.seq_len, bos)
     del texts
+    torch.save(torch.cat([windows[c] for c in args.corpus]), folder / "windows.pt")  # for --llama-only later
     record = Record(folder, {"model": model_name, "cpu": cpu_name(), "threads": torch.get_num_threads(), "bos": bos,
                              "windows": args.windows, "seq_len": args.seq_len, "load_average_start": load_average()})
     print(f"\n{model_name}: BOS {bos}; loaded in {time.perf_counter() - start:.0f} s", flush=True)
@@ -226,26 +234,48 @@ def run_model(model_name: str, args) -> None:
 
     # 4. llama.cpp on the same token ids
     if llamacpp.available():
-        directory, gguf = resolve_model(model_name, None)
-        for file_type in (["F32"] if args.llama_f32 else []) + ["Q8_0"]:
-            path = llamacpp.requantize(directory / gguf, file_type, torch.get_num_threads())
-            engine = llamacpp.LlamaCppModel(path, torch.get_num_threads(), args.seq_len, args.seq_len, all_logits=True)
-            try:
-                for corpus in args.corpus:
-                    nll, seconds = [], []
-                    for window in windows[corpus]:
-                        t = time.perf_counter()
-                        nll.append(engine.window_nll(window.tolist()))
-                        seconds.append(time.perf_counter() - t)
-                    record.add(corpus, f"llama.cpp {file_type}", external_result(torch.stack(nll), seconds))
-            finally:
-                engine.close()
-        record.info["llama_cpp"] = llamacpp.describe()
+        llama_rows(model_name, windows, record, args)
     record.info["seconds"] = time.perf_counter() - start
     record.save()
     record.print_tables()
     print(f"{model_name}: {time.perf_counter() - start:.0f} s, peak RSS {ex.peak_rss() / 2**20:.0f} MiB, load {load_average()}",
           flush=True)
+
+
+def llama_rows(model_name: str, windows: dict, record: Record, args) -> None:
+    """llama.cpp's Q8_0 (and F32 with --llama-f32) of the model's GGUF file on the same token ids."""
+    directory, gguf = resolve_model(model_name, None)
+    for file_type in (["F32"] if args.llama_f32 else []) + ["Q8_0"]:
+        path = llamacpp.requantize(directory / gguf, file_type, torch.get_num_threads())
+        engine = llamacpp.LlamaCppModel(path, torch.get_num_threads(), args.seq_len, args.seq_len, all_logits=True)
+        try:
+            for corpus in args.corpus:
+                nll, seconds = [], []
+                for window in windows[corpus]:
+                    t = time.perf_counter()
+                    nll.append(engine.window_nll(window.tolist()))
+                    seconds.append(time.perf_counter() - t)
+                record.add(corpus, f"llama.cpp {file_type}", external_result(torch.stack(nll), seconds))
+        finally:
+            engine.close()
+    record.info["llama_cpp"] = llamacpp.describe()
+
+
+def llama_rows_only(model_name: str, args) -> None:
+    """The llama.cpp rows of a finished run (OUT/MODEL: windows.pt, the corpora's windows in order, and
+    nll.pt), paired with its results, written to OUT/MODEL/llamacpp.json and llamacpp-nll.pt."""
+    folder = Path(args.out) / model_name
+    stacked, saved = torch.load(folder / "windows.pt"), torch.load(folder / "nll.pt")
+    windows = {c: stacked[i * args.windows:(i + 1) * args.windows] for i, c in enumerate(args.corpus)}
+    record = Record(folder, {"model": model_name, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                             "windows": args.windows, "seq_len": args.seq_len, "load_average_start": load_average()},
+                    stem="llamacpp")
+    for corpus in args.corpus:
+        for name, nll in saved[corpus].items():
+            record.results.setdefault(corpus, {})[name] = external_result(nll, [0.0])
+        record.results[corpus]["fp32"].change = paired_change(record.results[corpus]["fp32"], record.results[corpus]["fp32"])
+    llama_rows(model_name, windows, record, args)
+    record.print_tables()
 
 
 def bnb_checkpoint(checkpoint: Path, windows: torch.Tensor, folder: Path) -> tuple[torch.Tensor, float]:
