@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -146,6 +147,10 @@ def main() -> None:
     parser.add_argument("--llama-f32", action="store_true", help="also score llama.cpp's F32 of the GGUF file")
     parser.add_argument("--llama-only", action="store_true", help="only add the llama.cpp rows to a finished run in "
                         "OUT/MODEL (its windows.pt and nll.pt), written to OUT/MODEL/llamacpp.json")
+    parser.add_argument("--codes", default=None, metavar="FILE", help="GPTQ codes saved by an earlier run (its "
+                        "OUT/MODEL/gptq_codes.pt, same model and calibration) instead of calibrating again")
+    parser.add_argument("--float-methods", nargs="*", default=FLOAT_METHODS, choices=FLOAT_METHODS,
+                        help="the methods run on the float model (fp32 is always run: every change is paired with it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,30 +182,18 @@ def run_model(model_name: str, args) -> None:
     print(f"\n{model_name}: BOS {bos}; loaded in {time.perf_counter() - start:.0f} s", flush=True)
 
     # 1. the float model: GPTQ codes, then the methods that need the float weights
-    cpu = time.process_time()
-    rounding = gptq_rounding(lm, calibration)
-    cpu = time.process_time() - cpu
-    ratios = sorted(rounding.error_gptq[n] / rounding.error_rtn[n] for n in rounding.error_rtn if rounding.error_rtn[n] > 0)
-    record.info["gptq"] = {
-        "calibration_windows": int(calibration.shape[0]), "n_positions": rounding.n_positions,
-        "seconds": rounding.seconds, "cpu_seconds": cpu, "load_average_after": load_average(),
-        "error_ratio_median": ratios[len(ratios) // 2], "error_ratio_min": ratios[0], "error_ratio_max": ratios[-1],
-        "layers": rounding.to_dict()["layers"],
-    }
-    print(f"{model_name}: GPTQ on {rounding.n_positions} held-out Shakespeare tokens: {rounding.seconds:.0f} s wall, "
-          f"{cpu:.0f} s CPU (all threads), load {load_average()}; per-layer output error GPTQ / RTN on them: median "
-          f"{ratios[len(ratios) // 2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}", flush=True)
-    torch.save({"codes": rounding.codes, "absmax": rounding.absmax}, folder / "gptq_codes.pt")
-    record.save()
-    del rounding
-    gc.collect()
-    _memory.trim_heap()
-    methods = [m for m in FLOAT_METHODS if m != "bitsandbytes" or bitsandbytes_available()]
+    if args.codes:
+        if Path(args.codes).resolve() != (folder / "gptq_codes.pt").resolve():
+            shutil.copyfile(args.codes, folder / "gptq_codes.pt")
+        record.info["gptq"] = {"codes_from": str(args.codes)}
+    else:
+        calibrate_codes(lm, calibration, folder, record, model_name)
+    methods = ["fp32"] + [m for m in args.float_methods if m != "fp32" and (m != "bitsandbytes" or bitsandbytes_available())]
     for corpus in args.corpus:
         work = ex.Workload(lm, tokenizer, windows[corpus], calibration, bos)
         for method in methods:
             record.add(corpus, method, ex.compare_methods(work, [method])[method])
-    del lm, work
+    del lm
     gc.collect()
     _memory.trim_heap()
 
@@ -240,6 +233,29 @@ def run_model(model_name: str, args) -> None:
     record.print_tables()
     print(f"{model_name}: {time.perf_counter() - start:.0f} s, peak RSS {ex.peak_rss() / 2**20:.0f} MiB, load {load_average()}",
           flush=True)
+
+
+def calibrate_codes(lm, calibration: torch.Tensor, folder: Path, record: Record, model_name: str) -> None:
+    """GPTQ codes of the float model on the calibration windows, timed (wall and process CPU), saved to
+    FOLDER/gptq_codes.pt."""
+    cpu = time.process_time()
+    rounding = gptq_rounding(lm, calibration)
+    cpu = time.process_time() - cpu
+    ratios = sorted(rounding.error_gptq[n] / rounding.error_rtn[n] for n in rounding.error_rtn if rounding.error_rtn[n] > 0)
+    record.info["gptq"] = {
+        "calibration_windows": int(calibration.shape[0]), "n_positions": rounding.n_positions,
+        "seconds": rounding.seconds, "cpu_seconds": cpu, "load_average_after": load_average(),
+        "error_ratio_median": ratios[len(ratios) // 2], "error_ratio_min": ratios[0], "error_ratio_max": ratios[-1],
+        "layers": rounding.to_dict()["layers"],
+    }
+    print(f"{model_name}: GPTQ on {rounding.n_positions} held-out Shakespeare tokens: {rounding.seconds:.0f} s wall, "
+          f"{cpu:.0f} s CPU (all threads), load {load_average()}; per-layer output error GPTQ / RTN on them: median "
+          f"{ratios[len(ratios) // 2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}", flush=True)
+    torch.save({"codes": rounding.codes, "absmax": rounding.absmax}, folder / "gptq_codes.pt")
+    record.save()
+    del rounding
+    gc.collect()
+    _memory.trim_heap()
 
 
 def llama_rows(model_name: str, windows: dict, record: Record, args) -> None:
