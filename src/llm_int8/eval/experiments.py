@@ -528,27 +528,41 @@ def calibration_split(held_out: torch.Tensor, n_calibration: int, n_validation: 
             token_windows(validation_part, n_validation, seq_len, bos))
 
 
+ACTIVATION_WINDOWS = 8  # calibration windows the activation setting is chosen on (a subset of the GPTQ ones)
+
+
 def gptq_calibration(
     model: str, gguf_file: str | None, corpus: str, n_windows: int = GPTQ_WINDOWS, seq_len: int = 512,
-    progress: ProgressFactory = _no_progress, n_validation: int = VALIDATION_WINDOWS,
+    progress: ProgressFactory = _no_progress, n_validation: int = VALIDATION_WINDOWS, activations: bool = False,
 ):
-    """(rounding or None, :class:`CalibrationCheck`): GPTQ codes (:func:`.rounding.gptq_rounding`) of the
-    float ``model`` from ``n_windows`` windows of the first half of ``corpus``'s held-out tail (its last 5 %,
-    never an evaluation window), kept only if LLM.int8() with them beats round-to-nearest on
-    ``n_validation`` windows of the tail's second half (else None: the caller keeps round-to-nearest).
-    The float model is freed after."""
+    """(rounding or None, :class:`CalibrationCheck`, rounding, :class:`ActivationChoice` or None): GPTQ codes
+    (:func:`.rounding.gptq_rounding`) of the float ``model`` from ``n_windows`` windows of the first half of
+    ``corpus``'s held-out tail (its last 5 %, never an evaluation window), kept only if LLM.int8() with them
+    beats round-to-nearest at alpha 6 on ``n_validation`` windows of the tail's second half (else None: the
+    caller keeps round-to-nearest). The float model is freed after.
+
+    With ``activations``, the migration strength and alpha are first chosen on the first
+    :data:`ACTIVATION_WINDOWS` calibration windows (:func:`choose_activation_setting`); where the choice
+    beats plain LLM.int8() on the validation windows, the codes are rounded under its migration and go with
+    its alpha (``rounding.migration``, ``rounding.threshold``), and the same never-hurts check decides."""
     from .rounding import gptq_rounding
 
     text = load_corpus(corpus)
     lm, tokenizer = load_model(model, gguf_file)
     _, held_out = split_tokens(tokenize(tokenizer, text))
     calibration, validation = calibration_split(held_out, n_windows, n_validation, seq_len, bos_token_id(model, tokenizer))
-    rounding = gptq_rounding(lm, calibration, progress=progress("GPTQ calibration"))
-    check = check_calibration(lm, "llm_int8_gptq", "llm_int8", validation, {"rounding": rounding})
+    choice, migration, threshold = None, None, PAPER_THRESHOLD
+    if activations:
+        choice = choose_activation_setting(lm, calibration[:ACTIVATION_WINDOWS], validation, progress=progress)
+        if choice.kept:
+            migration, threshold = choice.migration, choice.threshold
+    rounding = gptq_rounding(lm, calibration, progress=progress("GPTQ calibration"), migration=migration)
+    rounding.threshold = threshold
+    check = check_calibration(lm, "llm_int8_gptq", "llm_int8", validation, {"rounding": rounding, "threshold": threshold})
     del lm
     gc.collect()
     _memory.trim_heap()
-    return rounding if check.kept else None, check, rounding
+    return rounding if check.kept else None, check, rounding, choice
 
 
 def quantize_to_disk(

@@ -153,11 +153,12 @@ class RoundingResult:
     n_positions: int
     seconds: float
     migration: object | None = None  # a smooth.Migration the codes were computed under (norms to migrate with them)
+    threshold: float | None = None  # the alpha the codes were chosen for (None: any; the default 6)
 
     def to_dict(self) -> dict:
         return {
             "n_positions": self.n_positions, "seconds": self.seconds,
-            "migration": None if self.migration is None else self.migration.to_dict(),
+            "migration": None if self.migration is None else self.migration.to_dict(), "threshold": self.threshold,
             "layers": {name: {"rtn": self.error_rtn[name], "gptq": self.error_gptq[name]} for name in self.error_rtn},
         }
 
