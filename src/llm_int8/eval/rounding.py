@@ -27,6 +27,7 @@ position of the calibration windows and solved in float64.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -234,11 +235,13 @@ def _block_inputs(model: nn.Module, first: nn.Module, windows, progress) -> list
         inputs.append((args, kwargs))
         raise _Captured
 
+    # transformers models would otherwise build a KV cache that the replayed block calls append to
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     handle = first.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for window in (progress or _identity)(list(windows)):
             try:
-                model(input_ids=window.unsqueeze(0), use_cache=False)
+                model(input_ids=window.unsqueeze(0), **no_cache)
             except _Captured:
                 pass
     finally:
