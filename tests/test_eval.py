@@ -374,6 +374,11 @@ def test_every_int8_method_replaces_the_linears_and_keeps_the_head(name):
         from llm_int8.eval.rounding import gptq_rounding
 
         context["rounding"] = gptq_rounding(model, _windows(2))
+    if name == "llm_int8_smooth":  # this model has no norms: nothing to migrate, LLM.int8() at the given alpha
+        from llm_int8.eval.smooth import migration_scales
+
+        context["migration"] = migration_scales(model, _windows(2), 0.5)
+        assert context["migration"].norms == {}
     built = methods.build_method(model, name, context)
     assert isinstance(built.lm_head, nn.Linear)
     assert not isinstance(built.layers[0].up, nn.Linear)
@@ -682,3 +687,32 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     assert speed.native_bf16()
     monkeypatch.setattr(speed, "_cpuinfo", lambda field: None)  # a machine that cannot tell keeps the row
     assert speed.native_bf16()
+
+
+def test_llama_cpp_window_nll_agrees_with_our_fp32_on_the_same_token_ids(tmp_path):
+    """llama.cpp's F32 of a GGUF file scores a window like our fp32 load of it (same token ids, float32
+    sums in another order): the llama.cpp rows of bench_fidelity.py compare like with like."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python builds llama.cpp from source: bash scripts/setup.sh --bench")
+    from tiny_gguf import write_tiny_gguf
+
+    from llm_int8.eval import llamacpp
+    from llm_int8.eval.perplexity import perplexity
+    from llm_int8.integrations.gguf import load_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny-qwen2.gguf", "qwen2")
+    f32 = llamacpp.requantize(path, "F32", threads=1, directory=tmp_path)
+    window = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    ours = perplexity(load_gguf(path).eval(), window).token_nll[0]
+    engine = llamacpp.LlamaCppModel(f32, threads=1, n_ctx=32, n_batch=32, all_logits=True)
+    try:
+        theirs = engine.window_nll(window[0].tolist())
+    finally:
+        engine.close()
+    assert theirs.shape == ours.shape and theirs.dtype == torch.float64
+    assert float((theirs - ours).abs().max()) <= 1e-3 * float(ours.abs().max())
+    last = llamacpp.LlamaCppModel(f32, threads=1, n_ctx=32, n_batch=32)
+    try:
+        with pytest.raises(ValueError, match="all_logits=True"):
+            last.window_nll(window[0].tolist())
+    finally:
+        last.close()

@@ -183,3 +183,30 @@ def test_ppl_runs_on_a_gguf_in_a_local_directory(tiny_gguf_dir, tiny, tmp_path):
             "--seq-len", "16", "--methods", "fp32", "llm_int8", "--json", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     assert json.loads(out.read_text())["perplexity"]["llm_int8"]["top1_agreement"] > 0.5
+
+
+def test_quantize_calibrate_activations_migrates_only_what_it_keeps(tiny_gguf_dir, tiny, tmp_path, capsys):
+    """--activations: the migration strength and alpha are chosen on calibration windows; the checkpoint's
+    norms and alpha change only if the choice and the GPTQ codes under it beat plain LLM.int8() on the
+    validation windows, and the saved config carries the alpha the codes go with."""
+    from safetensors.torch import load_file
+
+    _, corpus = tiny
+    plain, saved, out = tmp_path / "rtn", tmp_path / "act", tmp_path / "q.json"
+    base = ["quantize", "--model", str(tiny_gguf_dir), "--gguf-file", "tiny.gguf", "--no-progress"]
+    assert cli.main([*base, "--save", str(plain)]) == 0
+    assert cli.main([*base, "--activations", "--save", str(tmp_path / "x")]) == 2  # needs --calibrate
+    assert cli.main([*base, "--save", str(saved), "--calibrate", "--activations", "--corpus", corpus,
+                     "--calib-windows", "3", "--seq-len", "16", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "activations: LLM.int8() perplexity on" in text and "add --calibrate" not in text
+    result = json.loads(out.read_text())
+    choice, check = result["activations"], result["calibration_check"]
+    assert len(choice["candidates"]) == 9
+    migrated = choice["kept"] and check["kept"] and choice["strength"] > 0
+    assert result["threshold"] == (choice["threshold"] if choice["kept"] and check["kept"] else 6.0)
+    config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    assert config["llm_int8_threshold"] == result["threshold"]
+    rtn, ours = load_file(plain / "model.safetensors"), load_file(saved / "model.safetensors")
+    norms = [k for k in rtn if "layernorm" in k]
+    assert norms and all(torch.equal(rtn[k], ours[k]) for k in norms) != migrated

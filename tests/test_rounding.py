@@ -162,3 +162,54 @@ def test_calibration_that_would_hurt_is_not_kept():
     assert hurt.change.change > 0 and not hurt.kept
     unchanged = check_calibration(model, "llm_int8_gptq", "llm_int8", validation, {"rounding": same})
     assert unchanged.change.change == 0.0 and not unchanged.kept
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequential_rounding_gives_the_codes_of_whole_model_passes(family):
+    """Block by block (one pass over the windows, one block's H at a time) the layers see the same float
+    inputs as in whole-model passes, so the codes, scales and errors are the same; the grouped path with a
+    tiny H budget (one pass per layer) is the reference."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256,
+        )
+        model = transformers.LlamaForCausalLM(config).eval()
+    else:
+        config = transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=256, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config).eval()
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    blocks = R.decoder_blocks(model, {name for name, _, _ in R.linear_layers(model)})
+    assert blocks is not None and len(blocks) == 3
+    sequential = R.gptq_rounding(model, windows, sequential=True)
+    grouped = R.gptq_rounding(model, windows, sequential=False, budget=1)
+    assert sequential.codes.keys() == grouped.codes.keys() and len(sequential.codes) > 0
+    assert sequential.n_positions == grouped.n_positions == 72
+    for name in grouped.codes:
+        assert torch.equal(sequential.codes[name], grouped.codes[name]), name
+        assert torch.equal(sequential.absmax[name], grouped.absmax[name])
+        assert sequential.error_gptq[name] == pytest.approx(grouped.error_gptq[name], rel=1e-9)
+    assert sum(sequential.error_gptq.values()) < sum(sequential.error_rtn.values())
+
+
+def test_sequential_rounding_needs_decoder_blocks():
+    with pytest.raises(ValueError, match="list of decoder blocks"):
+        R.gptq_rounding(TwoLayer().eval(), torch.randint(0, 50, (2, 8)), sequential=True)
+
+
+def test_weight_only_layer_holds_int8_codes_and_runs_their_dequantized_weight():
+    from llm_int8.eval.methods import WeightOnlyInt8Linear
+
+    gen = torch.Generator().manual_seed(5)
+    w, b, x = torch.randn(12, 20, generator=gen), torch.randn(12, generator=gen), torch.randn(3, 20, generator=gen)
+    codes, absmax = F.quantize_weight(w)
+    layer = WeightOnlyInt8Linear(w, b)
+    assert layer.weight_int8.dtype == torch.int8 and torch.equal(layer.weight_int8, codes)
+    assert torch.equal(layer(x), nn.functional.linear(x, F.dequantize_weight(codes, absmax), b))
+    from_codes = WeightOnlyInt8Linear(None, b, (codes, absmax))
+    assert from_codes.weight_int8 is codes  # shares the codes it is given
+    assert torch.equal(from_codes(x), layer(x))
+    with pytest.raises(ValueError, match="float weight or int8 codes"):
+        WeightOnlyInt8Linear(None, b)

@@ -229,14 +229,28 @@ def cmd_scale(args, progress):
 
 
 def cmd_quantize(args, progress):
-    rounding = check = None
+    rounding = check = choice = None
+    if args.activations and not args.calibrate:
+        raise ValueError("--activations chooses the activation setting during --calibrate; add --calibrate")
     if args.save:
         ex.check_save_dir(args.save, args.force)  # before the calibration, not after it
     if args.calibrate:
-        kept, check, computed = ex.gptq_calibration(
-            args.model, args.gguf_file, args.corpus, args.calib_windows, args.seq_len, progress
+        kept, check, computed, choice = ex.gptq_calibration(
+            args.model, args.gguf_file, args.corpus, args.calib_windows, args.seq_len, progress,
+            activations=args.activations,
         )
         rounding = computed
+        if choice is not None:
+            print(f"activations: LLM.int8() perplexity on {ex.ACTIVATION_WINDOWS} calibration windows per migration "
+                  "strength and alpha:")
+            print(_table(["strength", "alpha", "perplexity"], [
+                [f"{c['strength']:g}", f"{c['threshold']:g}", f"{c['perplexity']:.4f}"] for c in choice.candidates]))
+            if choice.check is None:
+                print("plain LLM.int8() (alpha 6, no migration) scored best: nothing migrated")
+            else:
+                print(f"best: strength {choice.strength:g}, alpha {choice.threshold:g}; on {choice.check.n_windows} validation "
+                      f"windows vs plain LLM.int8(): {_change_text(choice.check.change.to_dict())}; "
+                      f"{'kept: the codes are rounded under it' if choice.kept else 'NOT kept: nothing migrated, alpha 6'}")
         print(f"GPTQ rounding of the int8 codes on {rounding.n_positions} held-out tokens of {args.corpus} "
               f"({args.calib_windows} windows x {args.seq_len}): {rounding.seconds:.0f} s")
         print("relative output error of each layer on the calibration inputs, tr(dW H dW^T) / tr(W H W^T):")
@@ -252,9 +266,12 @@ def cmd_quantize(args, progress):
         print(f"on {check.n_windows} validation windows (held out, disjoint from the calibration ones), LLM.int8() with "
               f"GPTQ codes vs round-to-nearest: perplexity {_change_text(check.change.to_dict())}; GPTQ codes {verdict}")
         rounding = kept
-    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, args.threshold, args.force, rounding)
+    threshold = rounding.threshold if rounding is not None and rounding.threshold is not None else args.threshold
+    result = ex.quantize_to_disk(args.model, args.gguf_file, args.save, threshold, args.force, rounding)
     if check is not None:
         result["calibration_check"], result["gptq"] = check.to_dict(), computed.to_dict()
+        result["activations"] = None if choice is None else choice.to_dict()
+        result["threshold"] = threshold
     print(f"{result['title']}: int8 model built tensor by tensor in {result['seconds']:.1f} s; footprint "
           f"{result['footprint'] / MiB:.0f} MiB ({result['converted']} linear layers int8, {result['kept']} kept float); "
           f"peak RSS of this process {result['peak_rss'] / MiB:.0f} MiB")
@@ -460,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--threshold", type=float, default=6.0, help="outlier threshold alpha (default 6)")
     quant.add_argument("--calibrate", action="store_true", help="round the int8 codes with GPTQ against held-out "
                        "windows of --corpus (the float model is loaded for it); same format and scales")
+    quant.add_argument("--activations", action="store_true", help="with --calibrate: also choose a migration of "
+                       "activation scale into the norms and weights, and alpha, on the calibration windows (kept only "
+                       "if validation windows improve; the saved config carries the alpha)")
     quant.add_argument("--corpus", default=SHAKESPEARE, help="calibration text for --calibrate: 'shakespeare', 'kjv' "
                        "or a UTF-8 text file (its last 5 %% is used)")
     quant.add_argument("--calib-windows", type=_positive_int, default=ex.GPTQ_WINDOWS, help="calibration windows "

@@ -25,7 +25,7 @@ from . import baselines
 from .calibrate import MEMORY_BUDGET, CalibrationPlan, calibration_plan
 from .data import load_corpus, split_tokens, token_windows
 from .hooks import LinearInputHooks
-from .methods import METHODS, bitsandbytes_available, build_method
+from .methods import METHODS, PAPER_THRESHOLD, bitsandbytes_available, build_method
 from .models import (
     bos_token_id, common_prefix_length, greedy_tokens, load_int8_model, load_model, model_title, resolve_model, tokenize,
 )
@@ -518,6 +518,59 @@ def check_calibration(model: nn.Module, method: str, baseline: str, windows: tor
     return CalibrationCheck(method, baseline, change.change < 0.0, change, int(windows.shape[0]))
 
 
+ACTIVATION_STRENGTHS = (0.25, 0.5)  # migration strengths tried (0: none)
+ACTIVATION_THRESHOLDS = (4.0, 6.0, 8.0)  # alphas tried
+
+
+@dataclass
+class ActivationChoice:
+    """The activation-side setting (migration strength, alpha) that scored best on calibration windows, and
+    whether it beat plain LLM.int8() (alpha = 6, no migration) on validation windows: kept only then."""
+
+    strength: float  # 0.0: no migration
+    threshold: float
+    migration: object | None  # a smooth.Migration (None for strength 0)
+    candidates: list[dict]  # {"strength", "threshold", "perplexity"} on the calibration windows
+    check: CalibrationCheck | None  # None when plain LLM.int8() itself scored best: nothing to keep
+
+    @property
+    def kept(self) -> bool:
+        return self.check is not None and self.check.kept
+
+    def to_dict(self) -> dict:
+        return {"strength": self.strength, "threshold": self.threshold, "kept": self.kept, "candidates": self.candidates,
+                "check": None if self.check is None else self.check.to_dict()}
+
+
+def choose_activation_setting(
+    model: nn.Module, calibration: torch.Tensor, validation: torch.Tensor, strengths=ACTIVATION_STRENGTHS,
+    thresholds=ACTIVATION_THRESHOLDS, progress: ProgressFactory = _no_progress,
+) -> ActivationChoice:
+    """Try each migration strength (with 0, none) and alpha with LLM.int8() and round-to-nearest codes
+    (:mod:`.smooth`), pick the lowest perplexity on the ``calibration`` windows, and keep it only if it beats
+    LLM.int8() at alpha = 6 without migration on the ``validation`` windows (same tokens, paired)."""
+    from .smooth import Migration, migration_scales
+
+    migrations = {0.0: Migration({}, {}, 0.0)}
+    for strength in strengths:
+        migrations[float(strength)] = migration_scales(model, calibration, float(strength))
+    candidates = []
+    for strength, migration in migrations.items():
+        for threshold in thresholds:
+            method = build_method(model, "llm_int8_smooth", {"migration": migration, "threshold": float(threshold)})
+            result = perplexity(method, calibration, progress(f"strength {strength:g}, alpha {threshold:g}"))
+            candidates.append({"strength": strength, "threshold": float(threshold), "perplexity": result.perplexity})
+            del method
+    best = min(candidates, key=lambda c: c["perplexity"])
+    strength, threshold = best["strength"], best["threshold"]
+    migration = migrations[strength] if strength > 0 else None
+    check = None
+    if strength > 0 or threshold != PAPER_THRESHOLD:
+        check = check_calibration(model, "llm_int8_smooth", "llm_int8", validation,
+                                  {"migration": migrations[strength], "threshold": threshold})
+    return ActivationChoice(strength, threshold, migration, candidates, check)
+
+
 def calibration_split(held_out: torch.Tensor, n_calibration: int, n_validation: int, seq_len: int, bos: int | None):
     """(calibration windows, validation windows) from the held-out tail: its first half and its second half."""
     calibration_part, validation_part = split_tokens(held_out, 0.5)
@@ -525,27 +578,41 @@ def calibration_split(held_out: torch.Tensor, n_calibration: int, n_validation: 
             token_windows(validation_part, n_validation, seq_len, bos))
 
 
+ACTIVATION_WINDOWS = 8  # calibration windows the activation setting is chosen on (a subset of the GPTQ ones)
+
+
 def gptq_calibration(
     model: str, gguf_file: str | None, corpus: str, n_windows: int = GPTQ_WINDOWS, seq_len: int = 512,
-    progress: ProgressFactory = _no_progress, n_validation: int = VALIDATION_WINDOWS,
+    progress: ProgressFactory = _no_progress, n_validation: int = VALIDATION_WINDOWS, activations: bool = False,
 ):
-    """(rounding or None, :class:`CalibrationCheck`): GPTQ codes (:func:`.rounding.gptq_rounding`) of the
-    float ``model`` from ``n_windows`` windows of the first half of ``corpus``'s held-out tail (its last 5 %,
-    never an evaluation window), kept only if LLM.int8() with them beats round-to-nearest on
-    ``n_validation`` windows of the tail's second half (else None: the caller keeps round-to-nearest).
-    The float model is freed after."""
+    """(rounding or None, :class:`CalibrationCheck`, rounding, :class:`ActivationChoice` or None): GPTQ codes
+    (:func:`.rounding.gptq_rounding`) of the float ``model`` from ``n_windows`` windows of the first half of
+    ``corpus``'s held-out tail (its last 5 %, never an evaluation window), kept only if LLM.int8() with them
+    beats round-to-nearest at alpha 6 on ``n_validation`` windows of the tail's second half (else None: the
+    caller keeps round-to-nearest). The float model is freed after.
+
+    With ``activations``, the migration strength and alpha are first chosen on the first
+    :data:`ACTIVATION_WINDOWS` calibration windows (:func:`choose_activation_setting`); where the choice
+    beats plain LLM.int8() on the validation windows, the codes are rounded under its migration and go with
+    its alpha (``rounding.migration``, ``rounding.threshold``), and the same never-hurts check decides."""
     from .rounding import gptq_rounding
 
     text = load_corpus(corpus)
     lm, tokenizer = load_model(model, gguf_file)
     _, held_out = split_tokens(tokenize(tokenizer, text))
     calibration, validation = calibration_split(held_out, n_windows, n_validation, seq_len, bos_token_id(model, tokenizer))
-    rounding = gptq_rounding(lm, calibration, progress=progress("GPTQ calibration"))
-    check = check_calibration(lm, "llm_int8_gptq", "llm_int8", validation, {"rounding": rounding})
+    choice, migration, threshold = None, None, PAPER_THRESHOLD
+    if activations:
+        choice = choose_activation_setting(lm, calibration[:ACTIVATION_WINDOWS], validation, progress=progress)
+        if choice.kept:
+            migration, threshold = choice.migration, choice.threshold
+    rounding = gptq_rounding(lm, calibration, progress=progress("GPTQ calibration"), migration=migration)
+    rounding.threshold = threshold
+    check = check_calibration(lm, "llm_int8_gptq", "llm_int8", validation, {"rounding": rounding, "threshold": threshold})
     del lm
     gc.collect()
     _memory.trim_heap()
-    return rounding if check.kept else None, check, rounding
+    return rounding if check.kept else None, check, rounding, choice
 
 
 def quantize_to_disk(

@@ -96,18 +96,19 @@ class LlamaCppModel:
 
     ``n_ctx`` must hold the longest prompt plus its new tokens; a prefill of up to ``n_batch`` tokens
     is one llama.cpp batch. Only the last position's logits are computed (llama.cpp's default, and
-    what ``generate()`` asks of a transformers model).
+    what ``generate()`` asks of a transformers model), unless ``all_logits`` (for :meth:`window_nll`).
     """
 
-    def __init__(self, path: Path | str, threads: int, n_ctx: int = 1024, n_batch: int = 512):
+    def __init__(self, path: Path | str, threads: int, n_ctx: int = 1024, n_batch: int = 512, all_logits: bool = False):
         llama_cpp = _llama_cpp()
         self._llama_cpp = llama_cpp
         self.path = Path(path)
         self.llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-            n_threads_batch=threads, logits_all=False, verbose=False,
+            n_threads_batch=threads, logits_all=all_logits, verbose=False,
         )
         self.n_ctx, self.n_batch, self.n_vocab = n_ctx, n_batch, self.llm.n_vocab()
+        self.all_logits = all_logits
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's token ids of ``text`` (no BOS, special tokens as text)."""
@@ -143,6 +144,23 @@ class LlamaCppModel:
             raise ValueError(f"a prefill takes 1 to n_batch = {self.n_batch} tokens, got {len(tokens)}")
         self.llm.reset()
         self.llm.eval(tokens)
+
+    def window_nll(self, tokens: list[int]):
+        """float64 [len(tokens) - 1]: the NLL (nats) of each token after the first, predicted from the tokens
+        before it, in one batch from an empty KV cache: how ``llm_int8.eval.perplexity`` scores a window,
+        on the same token ids (needs ``all_logits=True`` and len(tokens) <= n_batch)."""
+        import numpy as np
+        import torch
+
+        if not self.all_logits:
+            raise ValueError("window_nll needs the logits of every position: load the model with all_logits=True")
+        if len(tokens) < 2 or len(tokens) > min(self.n_batch, self.n_ctx):
+            raise ValueError(f"a window takes 2 to {min(self.n_batch, self.n_ctx)} tokens, got {len(tokens)}")
+        self.llm.reset()
+        self.llm.eval(tokens)
+        logits = torch.from_numpy(np.array(self.llm.scores[: len(tokens) - 1], dtype=np.float32))
+        target = torch.tensor(tokens[1:], dtype=torch.int64)
+        return torch.nn.functional.cross_entropy(logits, target, reduction="none").double()
 
     def close(self) -> None:
         self.llm.close()

@@ -35,16 +35,30 @@ BNB_PIP = "pip install bitsandbytes==0.50.2 (the 'dev' extra of llm-int8)"
 
 
 class WeightOnlyInt8Linear(nn.Module):
-    """Vector-wise int8 weights dequantized to float; activations stay float (not W8A8: the floor)."""
+    """Vector-wise int8 weights dequantized to float; activations stay float (not W8A8: the floor).
 
-    def __init__(self, weight: torch.Tensor, bias, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+    Holds the int8 codes and row absmax and dequantizes them at each forward (to the float weight's
+    dtype, then x's), so the method costs a quarter of the float weight's memory beside the float
+    model, not a second float copy of it."""
+
+    def __init__(
+        self, weight: torch.Tensor | None, bias, codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        """From the float ``weight`` [N, K] (rounded to nearest), or from ``codes`` (int8 [N, K], absmax [N])
+        with ``weight`` None and the float ``dtype`` they dequantize to."""
         super().__init__()
+        if codes is None and weight is None:
+            raise ValueError("WeightOnlyInt8Linear needs a float weight or int8 codes with their row absmax")
         weight_int8, weight_absmax = F.quantize_weight(weight.detach()) if codes is None else codes
-        self.register_buffer("weight_dequant", F.dequantize_weight(weight_int8, weight_absmax, weight.dtype))
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_absmax", weight_absmax)
+        self.weight_dtype = dtype if weight is None else weight.dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        return nn.functional.linear(x, self.weight_dequant.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        weight = F.dequantize_weight(self.weight_int8, self.weight_absmax, self.weight_dtype).to(x.dtype)
+        return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class CastThroughFp16(nn.Module):
@@ -161,8 +175,25 @@ def _llm_int8_gptq(model, context):
     from .rounding import apply_rounding
 
     rounding = _rounding(context, "llm_int8_gptq")
-    quantize_(model, Int8Config(threshold=PAPER_THRESHOLD))
-    apply_rounding(model, rounding)
+    quantize_(model, Int8Config(threshold=context.get("threshold", PAPER_THRESHOLD)))
+    apply_rounding(model, rounding)  # with the rounding's migration, if any (its norms are migrated too)
+    return model
+
+
+def _llm_int8_smooth(model, context):
+    """LLM.int8() with the activation scale migrated into the norms and the int8 weights (:mod:`.smooth`),
+    round-to-nearest codes of W s, at ``context['threshold']`` (default 6)."""
+    from ..nn import Linear8bitLt
+    from .smooth import migrate_norms, migrated_weight
+
+    migration = context.get("migration")
+    if migration is None:
+        raise ValueError("the method 'llm_int8_smooth' needs a migration (see llm_int8.eval.smooth.migration_scales)")
+    threshold = context.get("threshold", PAPER_THRESHOLD)
+    scales = migration.layer_scales()
+    migrate_norms(model, migration)
+    replace_linears(model, lambda m, name: Linear8bitLt.from_weight(
+        migrated_weight(linear_weight(m), scales.get(name)), m.bias, threshold, name=f"{name}.weight"))
     return model
 
 
@@ -226,6 +257,7 @@ METHODS: dict[str, Method] = {
         Method("w8_only", "int8 weights only, fp32 activations", _w8_only),
         Method("llm_int8_gptq", "LLM.int8() + GPTQ-rounded codes", _llm_int8_gptq),
         Method("w8_gptq", "GPTQ int8 weights only, fp32 activations", _w8_gptq),
+        Method("llm_int8_smooth", "LLM.int8() + migrated activation scale", _llm_int8_smooth),
         Method("bitsandbytes_gptq", "bitsandbytes 0.50.2 on our GPTQ codes", _bitsandbytes_gptq),
     ]
 }
@@ -240,7 +272,9 @@ def build_method(model: nn.Module, name: str, context: dict | None = None) -> nn
     shares its float tensors unless the method casts them).
 
     ``context`` carries what some methods need: ``calibration`` (a :class:`CalibrationPlan`) for
-    ``llm_int8_calibrated``; ``rounding`` (a :class:`.rounding.RoundingResult`) for the ``*_gptq`` methods.
+    ``llm_int8_calibrated``; ``rounding`` (a :class:`.rounding.RoundingResult`) for the ``*_gptq`` methods;
+    ``migration`` (a :class:`.smooth.Migration`) for ``llm_int8_smooth``; ``threshold`` (alpha, default 6)
+    for ``llm_int8_smooth``, ``llm_int8_gptq`` and ``llm_int8_calibrated``.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")

@@ -27,6 +27,7 @@ position of the calibration windows and solved in float64.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -148,10 +149,13 @@ class RoundingResult:
     error_gptq: dict[str, float]
     n_positions: int
     seconds: float
+    migration: object | None = None  # a smooth.Migration the codes were computed under (norms to migrate with them)
+    threshold: float | None = None  # the alpha the codes were chosen for (None: any; the default 6)
 
     def to_dict(self) -> dict:
         return {
             "n_positions": self.n_positions, "seconds": self.seconds,
+            "migration": None if self.migration is None else self.migration.to_dict(), "threshold": self.threshold,
             "layers": {name: {"rtn": self.error_rtn[name], "gptq": self.error_gptq[name]} for name in self.error_rtn},
         }
 
@@ -171,44 +175,128 @@ def _groups(layers: list[tuple[str, nn.Module, int]], budget: int) -> list[set[s
     return groups
 
 
+def _round_site(
+    site: Site, hessian: torch.Tensor, modules: dict, damp: float, result: RoundingResult, scales: dict | None = None,
+) -> None:
+    """GPTQ codes and output errors of the layers fed one input (``site``), into ``result``. ``scales``: the
+    migration's s per layer (:mod:`.smooth`): the weights are W s and their inputs x / s, so H becomes
+    H / (s s^T)."""
+    # GPTQ treats rows independently given H: the layers of one site (q/k/v, gate/up) are rounded as
+    # one stacked weight, sharing H's factorization and the column loop.
+    weights = [linear_weight(modules[name]).detach().float() for name in site.names]
+    s = (scales or {}).get(site.names[0])
+    if s is not None:
+        if any((scales or {}).get(name) is not s for name in site.names):
+            raise ValueError(f"the layers fed one input ({', '.join(site.names)}) must share one migration scale")
+        weights = [w * s for w in weights]
+        hessian = hessian / torch.outer(s, s)
+    stacked = torch.cat(weights)
+    rtn, absmax = rtn_codes(stacked)
+    codes = gptq_codes(stacked, hessian, absmax, damp)
+    row = 0
+    for name, weight in zip(site.names, weights):
+        rows = slice(row, row + weight.shape[0])
+        row += weight.shape[0]
+        result.codes[name], result.absmax[name] = codes[rows].clone(), absmax[rows].clone()
+        result.error_rtn[name] = output_error(weight, rtn[rows], absmax[rows], hessian)
+        result.error_gptq[name] = output_error(weight, codes[rows], absmax[rows], hessian)
+
+
+class _Captured(Exception):
+    """Raised by the hook that records the first block's inputs: the rest of the forward is not needed."""
+
+
+def decoder_blocks(model: nn.Module, names: set[str]) -> list[tuple[str, nn.Module]] | None:
+    """(name, block) of the model's blocks run one after another (the ``nn.ModuleList`` with the most
+    children holding layers of ``names``: a transformer's decoder layers), if every one of ``names``
+    lies in one of them; else None."""
+    best = None
+    for list_name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            prefix = f"{list_name}." if list_name else ""
+            blocks = [(f"{prefix}{i}", block) for i, block in enumerate(module)]
+            inside = {n for n in names if any(n.startswith(f"{b}.") for b, _ in blocks)}
+            if best is None or len(inside) > len(best[1]):
+                best = (blocks, inside)
+    if best is None or best[1] != names:
+        return None
+    return best[0]
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, windows, progress) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of the first block's call for each window (the forward stops there)."""
+    inputs = []
+
+    def capture(_module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Captured
+
+    # transformers models would otherwise build a KV cache that the replayed block calls append to
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    handle = first.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for window in (progress or _identity)(list(windows)):
+            try:
+                model(input_ids=window.unsqueeze(0), **no_cache)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    if len(inputs) != len(windows):
+        raise RuntimeError("the first decoder block was not reached for every calibration window")
+    return inputs
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 @torch.inference_mode()
 def gptq_rounding(
     model: nn.Module, windows: torch.Tensor, damp: float = DAMP, budget: int = HESSIAN_BUDGET,
-    progress: Progress | None = None,
+    progress: Progress | None = None, sequential: bool | None = None, migration=None,
 ) -> RoundingResult:
     """GPTQ codes for every linear layer ``quantize_`` converts in the float ``model``, from the calibration
-    ``windows`` (int64 [n, seq_len]); the model is not changed. H of at most ``budget`` bytes is held at a time:
-    the windows run once per group of layers."""
+    ``windows`` (int64 [n, seq_len]); the model is not changed.
+
+    ``sequential`` (default: wherever the model's layers all lie in a list of decoder blocks,
+    :func:`decoder_blocks`): the windows run once up to the first block, whose inputs are kept
+    (n x seq_len x hidden floats); then each block in turn runs on them, its layers' H are accumulated
+    and solved, and its float outputs become the next block's inputs. One pass over the windows and
+    one block's H in memory. Otherwise H of at most ``budget`` bytes is held at a time and the whole
+    model runs once per group of layers. Both see the same float inputs, so give the same codes.
+
+    ``migration`` (a :class:`.smooth.Migration`): round W s against the inputs x / s of the migrated model
+    (the float model itself is not changed; :func:`apply_rounding` migrates the norms with the codes)."""
     start = time.perf_counter()
     layers = linear_layers(model)
     if not layers:
         raise ValueError("the model has no linear layers to quantize")
     modules = {name: module for name, module, _ in layers}
-    result = RoundingResult({}, {}, {}, {}, 0, 0.0)
-    groups = _groups(layers, budget)
-    for index, group in enumerate(groups):
-        with HessianHooks(model, group) as hooks:
-            for window in (progress or _identity)(list(windows)) if index == 0 else list(windows):
-                model(input_ids=window.unsqueeze(0))
-        for site in hooks.sites:
-            if "hessian" not in site.stats:
-                continue
-            hessian = site.stats.pop("hessian")
-            result.n_positions = hooks.n_positions[id(site)]
-            # GPTQ treats rows independently given H: the layers of one site (q/k/v, gate/up) are
-            # rounded as one stacked weight, sharing H's factorization and the column loop.
-            weights = [linear_weight(modules[name]).detach().float() for name in site.names]
-            stacked = torch.cat(weights)
-            rtn, absmax = rtn_codes(stacked)
-            codes = gptq_codes(stacked, hessian, absmax, damp)
-            row = 0
-            for name, weight in zip(site.names, weights):
-                rows = slice(row, row + weight.shape[0])
-                row += weight.shape[0]
-                result.codes[name], result.absmax[name] = codes[rows].clone(), absmax[rows].clone()
-                result.error_rtn[name] = output_error(weight, rtn[rows], absmax[rows], hessian)
-                result.error_gptq[name] = output_error(weight, codes[rows], absmax[rows], hessian)
-            del hessian, stacked
+    result = RoundingResult({}, {}, {}, {}, 0, 0.0, migration)
+    scales = None if migration is None else migration.layer_scales()
+    blocks = decoder_blocks(model, set(modules)) if sequential is not False else None
+    if sequential and blocks is None:
+        raise ValueError("sequential rounding needs every linear layer inside one list of decoder blocks")
+    if blocks is not None:
+        inputs = _block_inputs(model, blocks[0][1], windows, progress)
+        for block_name, block in blocks:
+            wanted = {name for name in modules if name.startswith(f"{block_name}.")}
+            outputs = []
+            with HessianHooks(model, wanted) as hooks:
+                for args, kwargs in inputs:
+                    out = block(*args, **kwargs)
+                    outputs.append(_with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out))
+            inputs = outputs
+            _solve_sites(hooks, modules, damp, result, scales)
+    else:
+        for index, group in enumerate(_groups(layers, budget)):
+            with HessianHooks(model, group) as hooks:
+                for window in (progress or _identity)(list(windows)) if index == 0 else list(windows):
+                    model(input_ids=window.unsqueeze(0))
+            _solve_sites(hooks, modules, damp, result, scales)
     missing = [name for name in modules if name not in result.codes]
     if missing:
         raise RuntimeError(f"no calibration input reached {len(missing)} layers ({', '.join(missing[:3])}, ...)")
@@ -216,10 +304,21 @@ def gptq_rounding(
     return result
 
 
+def _solve_sites(hooks: HessianHooks, modules: dict, damp: float, result: RoundingResult, scales=None) -> None:
+    for site in hooks.sites:
+        if "hessian" not in site.stats:
+            continue
+        hessian = site.stats.pop("hessian")
+        result.n_positions = hooks.n_positions[id(site)]
+        _round_site(site, hessian, modules, damp, result, scales)
+        del hessian
+
+
 def apply_rounding(model: nn.Module, rounding: RoundingResult) -> list[str]:
     """Write the GPTQ codes and their row absmax (``SCB``) into the model's ``Linear8bitLt`` layers of the
     same names, in place (the layers' bound kernels see the new tensors); every rounded layer must be
-    found. Returns the names written."""
+    found. Where the codes were computed under a migration (:mod:`.smooth`), the norms' weights are
+    divided by its scales too. Returns the names written."""
     from ..nn import Linear8bitLt
 
     written = []
@@ -238,4 +337,8 @@ def apply_rounding(model: nn.Module, rounding: RoundingResult) -> list[str]:
     missing = sorted(set(rounding.codes) - set(written))
     if missing:
         raise ValueError(f"{len(missing)} rounded layers are not int8 layers of this model ({', '.join(missing[:3])}, ...)")
+    if rounding.migration is not None:
+        from .smooth import migrate_norms
+
+        migrate_norms(model, rounding.migration)
     return written
