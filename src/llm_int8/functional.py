@@ -253,6 +253,16 @@ def int8_mixed_linear(
     ``torch.compile`` they are not, so compiled code should hold its columns in a ``Linear8bitLt``,
     which checks them once, when they are set.
     """
+    threshold = _check_mixed_linear_args("int8_mixed_linear", x, weight_int8, weight_absmax, bias, threshold,
+                                         fp_cols, fp_weight)
+    return mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
+
+
+_FP_COLS_REMEDY = "pass distinct int64 column indices in [0, K) and their float weight columns [N, F]"
+
+
+def _check_mixed_linear_args(op, x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight) -> float:
+    """The argument checks of the LLM.int8() forwards (``op`` names the caller); returns the threshold."""
     _check_int8_weight(weight_int8, weight_absmax)
     threshold = _check_threshold(threshold)
     n, k = weight_int8.shape
@@ -266,13 +276,10 @@ def int8_mixed_linear(
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         # Under torch.compile, shapes and dtypes only: the values would need a host sync (a graph break).
         saved_format.validate_fp_columns(
-            fp_cols, fp_weight, n, k, "int8_mixed_linear", remedy=_FP_COLS_REMEDY,
+            fp_cols, fp_weight, n, k, op, remedy=_FP_COLS_REMEDY,
             check_values=not torch.compiler.is_compiling(), error=ValueError,
         )
-    return mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
-
-
-_FP_COLS_REMEDY = "pass distinct int64 column indices in [0, K) and their float weight columns [N, F]"
+    return threshold
 
 
 def int8_mixed_linear_per_row(
@@ -295,18 +302,8 @@ def int8_mixed_linear_per_row(
     time, in a fixed order (found columns ascending, then ``fp_cols``), where the columns of the
     other rows add exact zeros. Same arguments and result shape as :func:`int8_mixed_linear`.
     """
-    _check_int8_weight(weight_int8, weight_absmax)
-    threshold = _check_threshold(threshold)
-    n, k = weight_int8.shape
-    check_linear_input(x, (n, k), weight_int8.device)
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
-    _check_same_device(x=x, weight_int8=weight_int8, weight_absmax=weight_absmax, bias=bias)
-    if fp_cols is not None or fp_weight is not None:
-        saved_format.validate_fp_columns(
-            fp_cols, fp_weight, n, k, "int8_mixed_linear_per_row", remedy=_FP_COLS_REMEDY,
-            check_values=not torch.compiler.is_compiling(), error=ValueError,
-        )
+    threshold = _check_mixed_linear_args("int8_mixed_linear_per_row", x, weight_int8, weight_absmax, bias,
+                                         threshold, fp_cols, fp_weight)
     return per_row_mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_cols, fp_weight)
 
 
@@ -314,8 +311,8 @@ def per_row_mixed_linear_op(x, weight_int8, weight_absmax, bias, threshold, fp_c
     """:func:`int8_mixed_linear_per_row` on x [..., K] -> [..., N], arguments already checked."""
     rows = _as_rows(x)
     xf = rows.float()
-    if threshold > 0.0:  # the outlier test of reference.outlier_columns, per entry (NaN never an outlier)
-        own = xf.abs().nan_to_num_(nan=0.0) >= threshold
+    if threshold > 0.0:  # the one outlier rule, per entry (NaN never an outlier)
+        own = reference.outlier_values(xf, threshold)
     else:
         own = torch.zeros(xf.shape, dtype=torch.bool, device=xf.device)
     if fp_cols is not None and fp_cols.numel():
