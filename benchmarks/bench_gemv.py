@@ -59,14 +59,19 @@ uint64_t plain_read_parts(const uint8_t **ptrs, int64_t count, int64_t size, int
 """
 
 
+def compiled_library(source: str, prefix: str) -> ctypes.CDLL:
+    """C ``source`` compiled with gcc into a library in a new temporary folder, loaded."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    path, library = os.path.join(folder, "source.c"), os.path.join(folder, "library.so")
+    with open(path, "w") as f:
+        f.write(source)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, path], check=True)
+    return ctypes.CDLL(library)
+
+
 def plain_reader():
     """The C function plain_read_parts(pointers, count, bytes, part, parts), compiled into a temporary library."""
-    folder = tempfile.mkdtemp(prefix="bench_gemv_")
-    source, library = os.path.join(folder, "read.c"), os.path.join(folder, "read.so")
-    with open(source, "w") as f:
-        f.write(READ_SOURCE)
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, source], check=True)
-    fn = ctypes.CDLL(library).plain_read_parts
+    fn = compiled_library(READ_SOURCE, "bench_gemv_").plain_read_parts
     fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_uint64
     return fn
@@ -134,15 +139,16 @@ def main() -> None:
                         if round_index:  # round 0 warms up (and checks each layer once)
                             times[name].append((time.perf_counter() - start) / copies)
                             cpu[name].append((time.process_time() - start_cpu) / copies)
-                rate = {name: (hot.numel() if name.endswith(" cached") else n * k) / statistics.median(t) / 1e9
-                        for name, t in times.items()}
+                def bytes_read(name):  # per call: the cached runs read their smaller weight
+                    return hot.numel() if name.endswith(" cached") else n * k
+
+                rate = {name: bytes_read(name) / statistics.median(t) / 1e9 for name, t in times.items()}
                 line = f"{threads:>7} {k:>5} {n:>5} {m:>2} {rate['read']:>9.1f} " + " ".join(
                     f"{rate[isa]:>16.1f} {rate[isa] / rate['read']:>5.2f} {rate[isa + ' cached']:>6.1f} "
                     f"{rate[isa] / min(rate['read'], rate[isa + ' cached']):>6.2f}" for isa in isas)
                 if threads == 1:  # one thread: bytes per second of the process's CPU time, which a busy
                     # machine's preemption does not inflate (memory stalls still count)
-                    on_cpu = {name: (hot.numel() if name.endswith(" cached") else n * k) / statistics.median(t) / 1e9
-                              for name, t in cpu.items()}
+                    on_cpu = {name: bytes_read(name) / statistics.median(t) / 1e9 for name, t in cpu.items()}
                     line += "   on-CPU GB/s: read " + f"{on_cpu['read']:.1f} " + " ".join(
                         f"{isa} {on_cpu[isa]:.1f} cached {on_cpu[isa + ' cached']:.1f} "
                         f"(/bound {on_cpu[isa] / min(on_cpu['read'], on_cpu[isa + ' cached']):.2f})" for isa in isas)

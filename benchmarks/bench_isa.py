@@ -24,8 +24,8 @@ import argparse
 import ctypes
 import os
 import statistics
-import subprocess
-import tempfile
+
+from bench_gemv import compiled_library  # (the benchmarks folder is on sys.path when a script runs)
 
 SOURCE = r"""
 #include <stdint.h>
@@ -36,7 +36,7 @@ static double thread_seconds(void)
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
-#define LOOP(name, isa, body, per_iter)                                                         \
+#define LOOP(name, isa, body)                                                                   \
     __attribute__((target(isa))) double name(int64_t iters)                                       \
     {                                                                                             \
         double t = thread_seconds();                                                              \
@@ -49,13 +49,13 @@ static double thread_seconds(void)
 #define I8(op, d) op " %%ymm0, %%ymm1, %%ymm" #d "\n\t"
 #define PAIR(d1, d2) I8("vpmaddubsw", d1) I8("vpmaddwd", d2)
 /* 4 vpmaddubsw + 4 vpmaddwd per iteration (independent destinations) */
-LOOP(int8_avx2, "avx2", PAIR(2, 3) PAIR(4, 5) PAIR(6, 7) PAIR(8, 9), 8)
+LOOP(int8_avx2, "avx2", PAIR(2, 3) PAIR(4, 5) PAIR(6, 7) PAIR(8, 9))
 /* 10 vfmadd231ps per iteration: ten accumulators cover the FMA latency */
 #define F(d) "vfmadd231ps %%ymm0, %%ymm1, %%ymm" #d "\n\t"
-LOOP(fp32_fma, "avx2,fma", F(2) F(3) F(4) F(5) F(6) F(7) F(8) F(9) F(10) F(11), 10)
+LOOP(fp32_fma, "avx2,fma", F(2) F(3) F(4) F(5) F(6) F(7) F(8) F(9) F(10) F(11))
 /* 10 vpdpbusd zmm per iteration */
 #define V(d) "vpdpbusd %%zmm0, %%zmm1, %%zmm" #d "\n\t"
-LOOP(int8_vnni, "avx512f,avx512vnni", V(2) V(3) V(4) V(5) V(6) V(7) V(8) V(9) V(10) V(11), 10)
+LOOP(int8_vnni, "avx512f,avx512vnni", V(2) V(3) V(4) V(5) V(6) V(7) V(8) V(9) V(10) V(11))
 """
 
 # name: (instructions per iteration, multiply-adds per iteration, label)
@@ -67,12 +67,7 @@ LOOPS = {
 
 
 def compiled():
-    folder = tempfile.mkdtemp(prefix="bench_isa_")
-    source, library = os.path.join(folder, "isa.c"), os.path.join(folder, "isa.so")
-    with open(source, "w") as f:
-        f.write(SOURCE)
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, source], check=True)
-    lib = ctypes.CDLL(library)
+    lib = compiled_library(SOURCE, "bench_isa_")
     fns = {}
     for name in LOOPS:
         fn = getattr(lib, name)
